@@ -1,0 +1,91 @@
+"""Shape the generated project to the answers, record them, and say what to do next.
+
+Runs inside the new project directory. Nothing here is required for the project's tests to pass: creating the
+virtual environment is opt-in and only warns when it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ANSWERS = json.loads(r"""{{ cookiecutter | tojson }}""")
+PROJECT = Path.cwd()
+# The install command the README, the dev container and CI share.
+INSTALL = ["-m", "pip", "install", "-e", ".[dev]"]
+
+
+def remove(relative: str) -> None:
+    path = PROJECT / relative
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def prune() -> None:
+    if ANSWERS["ide"] == "vscode":
+        remove(".idea")
+    if ANSWERS["ide"] == "pycharm":
+        remove(".vscode")
+    if ANSWERS["devcontainer"] == "no":
+        remove(".devcontainer")
+    licenses = PROJECT / ".licenses"
+    if ANSWERS["license"] != "none":
+        (licenses / ANSWERS["license"]).replace(PROJECT / "LICENSE")
+    shutil.rmtree(licenses)
+
+
+def record_answers() -> None:
+    """Write the answers the way cruft/cookiecutter replay expect them, so the project can be regenerated."""
+    answers = {key: value for key, value in ANSWERS.items() if not key.startswith("_")}
+    record = {"template": ANSWERS.get("_template", ""), "checkout": ANSWERS.get("_checkout"), "context": answers}
+    (PROJECT / ".cookiecutter.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def init_git() -> None:
+    git = shutil.which("git")
+    if git is None or (PROJECT / ".git").exists():
+        return
+    try:
+        subprocess.run([git, "init", "--quiet"], cwd=PROJECT, check=True)
+        subprocess.run([git, "add", "--all"], cwd=PROJECT, check=True)
+    except subprocess.CalledProcessError as error:
+        print(f"warning: git init failed ({error}); the project is complete without it", file=sys.stderr)
+
+
+def create_venv() -> bool:
+    python = shutil.which(f"python{ANSWERS['python_version']}") or sys.executable
+    venv = PROJECT / ".venv"
+    bindir = "Scripts" if sys.platform == "win32" else "bin"
+    try:
+        subprocess.run([python, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / bindir / "python"), *INSTALL], cwd=PROJECT, check=True)
+    except (OSError, subprocess.CalledProcessError) as error:
+        print(f"warning: could not create .venv ({error}); run `make setup` in {PROJECT}", file=sys.stderr)
+        return False
+    return True
+
+
+def next_steps(venv_ready: bool) -> str:
+    steps = [f"cd {PROJECT.name}"]
+    if not venv_ready:
+        steps.append("make setup            # .venv + pip install -e '.[dev]'")
+    steps += [
+        "make demo             # pretrain a tiny LM offline, fine-tune it with LoRA, generate",
+        "make test             # the project's own tests",
+    ]
+    ides = {"both": "PyCharm or VS Code", "pycharm": "PyCharm", "vscode": "VS Code"}[ANSWERS["ide"]]
+    lines = [f"Created {PROJECT}", "", "Next steps:", *(f"  {step}" for step in steps), ""]
+    lines.append(f"Open the folder in {ides}: the interpreter is .venv, run/debug configurations are ready.")
+    return "\n".join(lines)
+
+
+prune()
+record_answers()
+init_git()
+ready = create_venv() if ANSWERS["create_venv"] == "yes" else False
+print(next_steps(ready))

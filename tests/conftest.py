@@ -1,0 +1,84 @@
+"""Shared fixtures: bake the template with cookiecutter's API and run what a user would run in the result.
+
+Heavy dependencies (torch, transformers, peft, ...) are installed once in the environment that runs these tests
+(`make test` does that); every baked project runs against them with its `src/` on PYTHONPATH, exactly what PyCharm's
+"add source roots" does. One slow test proves the real install command in a fresh virtual environment.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cookiecutter.main import cookiecutter
+
+TEMPLATE = Path(__file__).resolve().parents[1]
+DEFAULT_PROJECT = "llm-lab"
+DEFAULT_PACKAGE = "llm_lab"
+
+# Named combinations: every value of every choice variable appears at least once, plus the defaults.
+COMBINATIONS: dict[str, dict[str, str]] = {
+    "defaults": {},
+    "pycharm-only": {"ide": "pycharm", "devcontainer": "no", "license": "Apache-2.0"},
+    "vscode-only": {"ide": "vscode", "license": "BSD-3-Clause", "python_version": "3.12"},
+    "no-container-no-license": {"devcontainer": "no", "license": "none", "python_version": "3.13"},
+    "py310-cuda12": {"python_version": "3.10", "cuda_version": "12.8.1", "project": "tiny-gpt"},
+    "custom-names": {
+        "project": "my-llm2",
+        "package": "my_llm_core",
+        "author": 'Ann "Quote" O\'Neil',
+        "description": 'Says """hi""" and {braces}',
+        "base_model": "/models/local llama",
+    },
+}
+
+
+def bake(output_dir: Path, **context: str) -> Path:
+    """Bake the template with the defaults overridden by ``context``; never creates a venv."""
+    extra = {"create_venv": "no", **context}
+    return Path(cookiecutter(str(TEMPLATE), no_input=True, output_dir=str(output_dir), extra_context=extra))
+
+
+def project_env(project: Path) -> dict[str, str]:
+    """The environment a user's IDE gives a run configuration: sources on PYTHONPATH, unbuffered, offline."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(project / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env["HF_HUB_OFFLINE"] = "1"
+    env["TRANSFORMERS_OFFLINE"] = "1"
+    env.setdefault("OMP_NUM_THREADS", "2")
+    return env
+
+
+def run(project: Path, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ``python *args`` in a baked project the way its README says, with a bounded wait."""
+    result = subprocess.run(
+        [sys.executable, *args],
+        cwd=project,
+        env=project_env(project),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"`python {' '.join(args)}` exited {result.returncode}\n--- stdout\n{result.stdout[-4000:]}"
+            f"\n--- stderr\n{result.stderr[-4000:]}"
+        )
+    return result
+
+
+@pytest.fixture(scope="session")
+def baked_projects(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every named combination, baked once per test session."""
+    root = tmp_path_factory.mktemp("bakes")
+    return {name: bake(root / name, **context) for name, context in COMBINATIONS.items()}
+
+
+@pytest.fixture(scope="session")
+def default_project(baked_projects: dict[str, Path]) -> Path:
+    return baked_projects["defaults"]

@@ -1,0 +1,89 @@
+"""Run the baked project's own tools the way its README says: ruff, pre-commit, its test suite, its install."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import project_env, run
+
+LINTED = ["defaults", "py310-cuda12", "custom-names", "vscode-only"]
+
+
+@pytest.mark.parametrize("name", LINTED)
+def test_ruff_clean(name: str, baked_projects: dict[str, Path]) -> None:
+    project = baked_projects[name]
+    check = run(project, "-m", "ruff", "check", ".", check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    fmt = run(project, "-m", "ruff", "format", "--check", ".", check=False)
+    assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+
+
+def test_pre_commit_clean(baked_projects: dict[str, Path], tmp_path: Path) -> None:
+    """pre-commit's local hooks (no network) pass on a freshly generated project, whose hook already staged it."""
+    project = baked_projects["defaults"]
+    env = project_env(project)
+    env["PRE_COMMIT_HOME"] = str(tmp_path / "pre-commit-cache")
+    # The hooks are `language: system`: they must find the tools of the environment that runs the tests.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]])
+    result = subprocess.run(
+        [sys.executable, "-m", "pre_commit", "run", "--all-files", "--show-diff-on-failure"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    for hook in ("ruff check", "ruff format", "check yaml", "check toml", "check json"):
+        assert hook in result.stdout
+
+
+@pytest.mark.slow
+def test_project_test_suite_passes(baked_projects: dict[str, Path]) -> None:
+    """The generated project's own tests (slow ones included) pass, against the session's shared install."""
+    project = baked_projects["defaults"]
+    result = run(project, "-m", "pytest", "-q", "-p", "no:cacheprovider", timeout=900, check=False)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout
+
+
+@pytest.mark.slow
+def test_renamed_package_fast_tests_pass(baked_projects: dict[str, Path]) -> None:
+    """A non-default package name, Python floor and IDE choice: the fast part of its suite passes too."""
+    project = baked_projects["custom-names"]
+    result = run(project, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider", timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_readme_install_command_in_a_fresh_venv(baked_projects: dict[str, Path], tmp_path: Path) -> None:
+    """`python -m pip install -e ".[dev]"` in a new venv: the project installs and its console scripts work.
+
+    The venv sees the session's site-packages so that torch & co. are reused, not downloaded again.
+    """
+    project = baked_projects["py310-cuda12"]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    install = subprocess.run(
+        [str(python), "-m", "pip", "install", "-e", ".[dev]"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for script in ("tiny-gpt-pretrain", "tiny-gpt-finetune", "tiny-gpt-generate"):
+        exe = venv / "bin" / script
+        result = subprocess.run(
+            [str(exe), "--help"], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "--debug" in result.stdout
+    shutil.rmtree(venv)

@@ -1,0 +1,1 @@
+"""Tokenizer, corpus and fine-tuning datasets."""

@@ -1,0 +1,1 @@
+"""The training step, the loop every entry point shares, checkpoints, optimizers and distributed set-up."""
