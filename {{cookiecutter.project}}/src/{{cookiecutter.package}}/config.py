@@ -1,0 +1,435 @@
+"""Typed configuration dataclasses shared by every entry point, and the one parser that fills them.
+
+Every entry point does the same three things::
+
+    cfg, dbg = parse_config(PretrainConfig, argv)   # YAML file (--config) + command-line overrides, validated
+    if dbg.debug:
+        cfg = apply_debug_profile(cfg)              # tiny, deterministic, eval every step
+    save_config(cfg, run_dir / "config.yaml")       # the resolved config travels with the run
+
+The schema *is* the dataclasses below: nested fields become dotted options (``--train.max_steps 20``), ``--help``
+lists every option with its type and default, and a YAML file written by :func:`save_config` can be passed back with
+``--config``. The debug flags (:class:`DebugConfig`) are top-level on every entry point (``--debug``, ``--debugpy``,
+...). Parsing is done by jsonargparse; this module only adds the one-line error report (exit code 2, no traceback).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+# --------------------------------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 4  # GQA; == n_heads -> MHA
+    hidden_dim: int | None = None  # SwiGLU inner width; None -> round_up(8/3*dim, multiple_of)
+    multiple_of: int = 64
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        _require(self.vocab_size >= 2, "model.vocab_size", self.vocab_size, ">= 2")
+        _require(self.dim >= 1, "model.dim", self.dim, ">= 1")
+        _require(self.n_layers >= 1, "model.n_layers", self.n_layers, ">= 1")
+        _require(self.n_heads >= 1 and self.dim % self.n_heads == 0, "model.n_heads", self.n_heads, "a divisor of dim")
+        _require(
+            self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads == 0,
+            "model.n_kv_heads",
+            self.n_kv_heads,
+            "a divisor of n_heads",
+        )
+        _require(self.max_seq_len >= 1, "model.max_seq_len", self.max_seq_len, ">= 1")
+        _require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "in [0, 1)")
+
+
+@dataclass
+class DataConfig:
+    """Where the pre-training text comes from and how it is cut into training windows."""
+
+    path: str | None = None  # a .txt/.md file, a directory of them, or JSONL with `text_key`; None = embedded corpus
+    text_key: str = "text"  # JSONL field holding the document text
+    tokenizer: str | None = None  # directory with tokenizer.json to reuse; None = train a BPE tokenizer on the corpus
+    vocab_size: int | None = None  # size of a newly trained tokenizer; None = model.vocab_size
+    seq_len: int = 128  # tokens per training window (must be <= model.max_seq_len)
+    sampling: Literal["random", "sequential"] = "random"  # random windows, or consecutive ones (epoch-like passes)
+    val_fraction: float = 0.05  # share of the token stream held out for evaluation (chunks spread evenly)
+    cache_dir: str = ".cache/data"  # packed token shards, keyed by a hash of text + tokenizer
+    # No num_workers here: training windows are slices of a memory-mapped token array, read in the training process
+    # (microseconds per batch), so there is no DataLoader and nothing a debugger could miss in a worker process.
+
+    def __post_init__(self) -> None:
+        _require(self.seq_len >= 2, "data.seq_len", self.seq_len, ">= 2")
+        _require(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "in (0, 1)")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay to ``min_lr`` over ``train.max_steps``."""
+
+    lr: float = 3e-4  # peak learning rate, reached after `warmup_steps`
+    min_lr: float = 3e-5  # floor of the cosine decay
+    warmup_steps: int = 100
+    weight_decay: float = 0.1  # applied to matrices (>= 2-D) only: never to norms or biases
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    fused: bool | None = None  # None = fused kernel on CUDA when available, foreach otherwise
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # YAML gives a list
+        _require(self.lr > 0, "optim.lr", self.lr, "> 0")
+        _require(0 <= self.min_lr <= self.lr, "optim.min_lr", self.min_lr, "in [0, optim.lr]")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, ">= 0")
+        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, ">= 0")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: steps, batch, evaluation, checkpoints, precision and reproducibility."""
+
+    max_steps: int = 1000  # optimizer steps
+    batch_size: int = 16  # micro-batch size per process
+    grad_accum: int = 1  # micro-batches per optimizer step; global batch = batch_size * grad_accum * world size
+    grad_clip: float = 1.0  # max global grad norm; 0 = no clipping (the norm is still reported)
+    log_every: int = 10  # TensorBoard scalars + one log line every N steps (the progress bar updates every step)
+    eval_every: int = 100  # evaluate (loss, perplexity) and sample every N steps and at the end; 0 = only at the end
+    eval_batches: int = 20  # batches per evaluation
+    save_every: int = 500  # checkpoint every N steps and at the end; 0 = only at the end
+    keep_checkpoints: int = 3  # newest N checkpoints are kept; 0 = keep all
+    resume: str | None = None  # None = fresh run; "auto" = latest checkpoint of this run; or a checkpoint directory
+    overwrite: bool = False  # a fresh run may replace this run's existing checkpoints (else it refuses to start)
+    seed: int = 1337
+    device: str = "auto"  # auto = cuda when available, else cpu; or cpu, cuda, cuda:1, mps
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 autocast where the device supports it natively
+    tf32: bool = True  # TF32 matmuls on Ampere+ GPUs (fp32 runs only)
+    compile: bool = False  # torch.compile the model (first steps are slow while it compiles)
+    deterministic: bool = False  # torch.use_deterministic_algorithms + fixed seeds (slower; for debugging)
+    detect_anomaly: bool = False  # autograd anomaly detection: names the op that produced a NaN (very slow)
+    peak_tflops: float | None = None  # device peak for MFU; None = look up the GPU / measure once
+    tensorboard: bool = True  # write TensorBoard scalars under run_dir/tb
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_batches"):
+            _require(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), ">= 1")
+        for name in ("eval_every", "save_every", "keep_checkpoints"):
+            _require(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), ">= 0")
+        _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, ">= 0")
+
+
+@dataclass
+class SampleConfig:
+    """Text generated from the model at every evaluation (a quick look at what it has learned)."""
+
+    prompts: list[str] = field(default_factory=lambda: ["MACBETH.\n"])  # a speaker heading of the embedded corpus
+    max_new_tokens: int = 64
+    temperature: float = 0.8
+    top_k: int | None = 50
+
+
+@dataclass
+class PretrainConfig:
+    """``python -m <package>.pretrain``: train LlamaLM from scratch into ``out_dir/name``."""
+
+    name: str = "pretrain"  # run name: everything goes to out_dir/name (config, checkpoints, tb, hf export)
+    out_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    export_hf: bool = True  # write run_dir/hf (transformers LlamaForCausalLM + tokenizer) at the end
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name) and "/" not in self.name, "name", self.name, "a non-empty name without '/'")
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}: "
+                "lower data.seq_len or raise model.max_seq_len"
+            )
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter settings (peft.LoraConfig); QLoRA loads the base model in 4 bit (CUDA + bitsandbytes)."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    # None = the architecture's usual pair (Llama/LlamaLM: q_proj, v_proj; BERT: query, value); [all-linear] = every
+    # linear layer except the output head; or explicit names, e.g. [q_proj, k_proj, v_proj, o_proj].
+    target_modules: list[str] | None = None
+    qlora: bool = False  # 4-bit NF4 base model (QLoRA): needs CUDA and `pip install -e ".[qlora]"`
+
+    def __post_init__(self) -> None:
+        _require(self.r >= 1, "lora.r", self.r, ">= 1")
+
+
+@dataclass
+class FinetuneDataConfig:
+    """Fine-tuning examples: SFT JSONL (prompt/response or messages) or classification CSV/JSONL (text/label)."""
+
+    path: str | None = None  # None = the embedded demo set of the task
+    val_path: str | None = None  # None = hold out `val_fraction` of `path`
+    val_fraction: float = 0.1
+    max_seq_len: int = 256
+    text_key: str = "text"
+    label_key: str = "label"
+    packing: bool = False  # SFT only: concatenate short examples into full windows
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.max_seq_len >= 2, "data.max_seq_len", self.max_seq_len, ">= 2")
+        _require(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "in [0, 1)")
+
+
+@dataclass
+class FinetuneConfig:
+    """``python -m <package>.finetune``: LoRA fine-tuning of a local or hub model, SFT or classification."""
+
+    task: Literal["sft", "classify"] = "sft"
+    base_model: str = "runs/pretrain/hf"  # a transformers model directory or hub id (the pre-training export default)
+    trust_remote_code: bool = False
+    name: str | None = None  # run name; None = finetune-<task>
+    out_dir: str = "runs"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=2e-4, min_lr=2e-5, warmup_steps=10, weight_decay=0.0)
+    )
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=200, batch_size=8, eval_every=50))
+    sample: SampleConfig = field(
+        default_factory=lambda: SampleConfig(
+            prompts=["Who speaks these lines?\n\nIs this a dagger which I see before me,\nThe handle toward my hand?"],
+            max_new_tokens=32,
+        )
+    )  # SFT only: prompts are formatted with the chat / plain template, as in training
+    class_weights: bool = False  # classify: weight the loss by inverse class frequency (for unbalanced labels)
+    merge: bool = False  # also write run_dir/hf: the base model with the adapter merged in (a standalone model)
+
+    def __post_init__(self) -> None:
+        if self.name is None:
+            self.name = f"finetune-{self.task}"
+        _require(bool(self.name) and "/" not in self.name, "name", self.name, "a non-empty name without '/'")
+
+
+@dataclass
+class GenerateConfig:
+    """``python -m <package>.generate``: sample text from a trained model."""
+
+    model: str = "runs/pretrain/hf"  # a transformers causal LM directory or hub id, or a run directory holding hf/
+    adapter: str | None = None  # optional LoRA adapter directory (finetune's run_dir/adapter) applied on `model`
+    chat: bool | None = None  # format the prompt as in SFT (chat template / plain template); None = when an adapter
+    # trained by SFT is given
+    prompt: str = "ROMEO.\n"
+    max_new_tokens: int = 128
+    temperature: float = 0.8
+    top_k: int | None = 50
+    top_p: float | None = None
+    seed: int = 1337
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DebugConfig:
+    """Flags shared by every entry point, top-level on the command line (``--debug``, ``--debugpy 5678``, ...)."""
+
+    debug: bool = False  # the debug profile: tiny model, few steps, num_workers=0, deterministic, seed,
+    # no compile, no AMP, anomaly detection, eval every step
+    debugpy: str | None = None  # [HOST:]PORT, default host 127.0.0.1, port 0 = free port
+    wait_for_client: bool = False
+    debugpy_all_ranks: bool = True  # under torchrun: each rank listens on PORT + RANK; False = rank 0 only
+    pycharm_debug: str | None = None  # HOST:PORT of PyCharm's Python Debug Server (pydevd-pycharm)
+    break_on_nonfinite: bool = False
+
+
+def _require(ok: bool, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid: expected {expected}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------------------------------
+
+C = TypeVar("C")
+
+# Help text for the top-level debug flags; behaviour lives in debug.py.
+_DEBUG_HELP = {
+    "debug": "debug profile: tiny model, few steps, num_workers=0, deterministic + fixed seed, no compile, no AMP, "
+    "anomaly detection, eval every step",
+    "debugpy": "start a debugpy server on [HOST:]PORT (default host 127.0.0.1; port 0 = a free port)",
+    "wait_for_client": "with --debugpy: block until the IDE attaches",
+    "debugpy_all_ranks": "under torchrun every rank listens on PORT + RANK (--no-debugpy-all-ranks: rank 0 only)",
+    "pycharm_debug": "connect to PyCharm's Python Debug Server at HOST:PORT (pip install pydevd-pycharm)",
+    "break_on_nonfinite": "stop at the first NaN/Inf activation, loss or gradient (module name, step, stats)",
+}
+
+
+class ConfigError(ValueError):
+    """Bad user input found after parsing (e.g. a data path that does not exist); entry points exit with code 2."""
+
+
+def build_parser(cls: type, *, prog: str | None = None):
+    """The jsonargparse parser for ``cls`` plus ``--config`` and the top-level debug flags (exposed for tests)."""
+    from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
+
+    parser = ArgumentParser(
+        prog=prog,
+        description=(cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else None,
+        exit_on_error=False,  # we report errors ourselves: one line, exit code 2
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
+    parser.add_class_arguments(cls, fail_untyped=True, sub_configs=True)
+    for f in dataclasses.fields(DebugConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action=ActionYesNo(no_prefix="no-"), default=f.default, help=_DEBUG_HELP[f.name])
+        else:
+            parser.add_argument(flag, type=str | None, default=f.default, help=_DEBUG_HELP[f.name])
+    return parser
+
+
+def parse_config(cls: type[C], argv: list[str] | None = None, *, prog: str | None = None) -> tuple[C, DebugConfig]:
+    """Parse ``--config FILE`` + dotted overrides into ``cls`` and the top-level :class:`DebugConfig`.
+
+    Precedence: dataclass defaults < YAML file < command line (later ``--config`` files override earlier ones).
+    Any error (unknown key, wrong type, failed validation, missing file) prints one line to stderr and exits with
+    code 2; ``--help`` prints every option with its default and exits 0.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(cls, prog=prog)
+    try:
+        ns = parser.parse_args(argv)
+        debug_names = [f.name for f in dataclasses.fields(DebugConfig)]
+        dbg = DebugConfig(**{name: ns[name] for name in debug_names})
+        for name in [*debug_names, "config"]:
+            del ns[name]
+        cfg = parser.instantiate(ns)
+        cfg = cls(**{f.name: cfg[f.name] for f in dataclasses.fields(cls)})  # Namespace -> the dataclass itself
+    except SystemExit:  # --help / --print_config exit through argparse
+        raise
+    except Exception as exc:  # jsonargparse raises ArgumentError / TypeError; __post_init__ raises ValueError
+        fail(_one_line(exc))
+    return cfg, dbg
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print ``error: message`` as one line to stderr and exit (code 2 = bad input)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Debug profile and serialisation
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def apply_debug_profile(cfg: C) -> C:
+    """A changed copy of ``cfg`` for ``--debug``: small and deterministic so a breakpoint is reached in seconds.
+
+    Run name ``<name>-debug`` (overwritten on every run), tiny model (when ``cfg.model`` is a :class:`ModelConfig`),
+    at most 20 steps, batch 4, no gradient accumulation,
+    evaluation + sampling + a log line every step, checkpoint at the end only, ``num_workers=0``, fixed seed,
+    deterministic algorithms, no ``torch.compile``, fp32 (no autocast), autograd anomaly detection.
+    Works for every config that has ``train: TrainConfig`` (pre-training and fine-tuning).
+    """
+    changes: dict[str, Any] = {}
+    name = getattr(cfg, "name", None)
+    if isinstance(name, str) and not name.endswith("-debug"):
+        changes["name"] = f"{name}-debug"  # never mix a tiny debug model into the real run's directory
+    if isinstance(getattr(cfg, "model", None), ModelConfig):
+        m = cfg.model
+        changes["model"] = dataclasses.replace(
+            m, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=None, max_seq_len=min(m.max_seq_len, 64)
+        )
+    data = getattr(cfg, "data", None)
+    if dataclasses.is_dataclass(data):
+        data_changes: dict[str, Any] = {}
+        if hasattr(data, "num_workers"):
+            data_changes["num_workers"] = 0
+        if isinstance(data, DataConfig):
+            data_changes["seq_len"] = min(data.seq_len, 64)
+        if isinstance(data, FinetuneDataConfig):
+            data_changes["max_seq_len"] = min(data.max_seq_len, 128)
+        changes["data"] = dataclasses.replace(data, **data_changes)
+    if isinstance(getattr(cfg, "train", None), TrainConfig):
+        t = cfg.train
+        changes["train"] = dataclasses.replace(
+            t,
+            max_steps=min(t.max_steps, 20),
+            batch_size=min(t.batch_size, 4),
+            grad_accum=1,
+            log_every=1,
+            eval_every=1,
+            eval_batches=min(t.eval_batches, 2),
+            save_every=0,
+            overwrite=True,  # the debug run is disposable and re-run often
+            seed=1337,
+            precision="fp32",
+            compile=False,
+            deterministic=True,
+            detect_anomaly=True,
+        )
+    if isinstance(getattr(cfg, "optim", None), OptimConfig):
+        changes["optim"] = dataclasses.replace(cfg.optim, warmup_steps=min(cfg.optim.warmup_steps, 2))
+    if isinstance(getattr(cfg, "sample", None), SampleConfig):
+        changes["sample"] = dataclasses.replace(cfg.sample, max_new_tokens=min(cfg.sample.max_new_tokens, 16))
+    return dataclasses.replace(cfg, **changes)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain dicts, lists and scalars (tuples become lists): what YAML, JSON and ``torch.load(weights_only=True)``
+    all accept."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(cfg)
+
+
+def config_to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    """Write the resolved config as YAML; ``--config path`` reproduces the run."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(config_to_yaml(cfg), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def load_config(cls: type[C], path: str | Path) -> C:
+    """Read a YAML written by :func:`save_config` (or any partial one) back into ``cls`` with the same validation."""
+    cfg, _ = parse_config(cls, ["--config", str(path)])
+    return cfg

@@ -1,0 +1,175 @@
+"""Pre-train LlamaLM from scratch: ``python -m <package>.pretrain --config configs/pretrain.yaml [--options]``.
+
+With no options it runs offline on the embedded Shakespeare corpus: trains a BPE tokenizer (cached), packs the
+tokens (cached), trains, evaluates (loss, perplexity) and prints samples every ``train.eval_every`` steps,
+checkpoints into ``runs/<name>/checkpoints`` and finally exports a transformers model to ``runs/<name>/hf`` that
+``finetune`` and ``generate`` load.
+
+    python -m <package>.pretrain --config configs/pretrain-debug.yaml          # < 1 min on a laptop CPU
+    python -m <package>.pretrain --config configs/pretrain.yaml --train.max_steps 20 --train.resume auto
+    python -m <package>.pretrain --debug --debugpy 5678 --wait-for-client      # attach VS Code, then step
+    torchrun --nproc_per_node=2 -m <package>.pretrain --config configs/pretrain.yaml
+
+Exit codes: 0 done, 2 bad input (config, data path, vocab size, existing run), 1 non-finite loss.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import (
+    ConfigError,
+    DebugConfig,
+    PretrainConfig,
+    SampleConfig,
+    apply_debug_profile,
+    config_to_yaml,
+    fail,
+    parse_config,
+    save_config,
+)
+from .train.distributed import barrier, init_distributed, teardown, unwrap, wrap_ddp
+from .train.loop import evaluate_loss, fit, resolve_start, setup_runtime
+from .train.step import NonFiniteLossError
+
+
+def make_sampler(tokenizer: Any, cfg: SampleConfig, device: torch.device, seed: int):
+    """``sample(model) -> [text per prompt]`` for fit(); its own generator so sampling never shifts training RNG."""
+
+    def sample(model: torch.nn.Module) -> list[str]:
+        generator = torch.Generator(device=device).manual_seed(seed)
+        max_len = model.config.max_seq_len
+        texts = []
+        for prompt in cfg.prompts:
+            ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][:, -max_len + 1 :]
+            new = min(cfg.max_new_tokens, max_len - ids.shape[1])  # rotary table covers max_seq_len positions
+            out = model.generate(
+                ids.to(device),
+                max_new_tokens=new,
+                temperature=cfg.temperature,
+                top_k=cfg.top_k,
+                eos_token_id=tokenizer.eos_token_id,
+                generator=generator,
+            )
+            texts.append(tokenizer.decode(out[0].tolist(), skip_special_tokens=True))
+        return texts
+
+    return sample
+
+
+def run(cfg: PretrainConfig, dbg: DebugConfig | None = None) -> list[dict]:
+    """Pre-train as configured; returns fit()'s per-step metrics. Raises ConfigError for bad input."""
+    from .data.corpus import EvalWindows, TokenWindows, prepare_corpus
+    from .model.lm import LlamaLM
+
+    dbg = dbg or DebugConfig()
+    info = init_distributed(cfg.train.device)
+    try:
+        from .debug import start_debugger
+
+        start_debugger(dbg, info.rank)
+        run_dir = Path(cfg.out_dir) / cfg.name
+        resolve_start(run_dir, cfg.train)  # refuse before touching anything (existing run, bad resume path)
+        if info.is_main:
+            print(config_to_yaml(cfg), end="", flush=True)
+        setup_runtime(cfg.train, info.device)
+
+        # Data: rank 0 trains the tokenizer and packs the tokens; the other ranks then read the cache.
+        def prepare(log):
+            try:
+                return prepare_corpus(
+                    cfg.data.path,
+                    tokenizer=cfg.data.tokenizer,
+                    vocab_size=cfg.data.vocab_size or cfg.model.vocab_size,
+                    cache_dir=cfg.data.cache_dir,
+                    val_fraction=cfg.data.val_fraction,
+                    text_key=cfg.data.text_key,
+                    log=log,
+                )
+            except (FileNotFoundError, ValueError, OSError) as err:
+                raise ConfigError(f"data: {err}") from err
+
+        corpus = prepare(print) if info.is_main else None
+        barrier()
+        if corpus is None:
+            corpus = prepare(None)
+        if len(corpus.tokenizer) > cfg.model.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                f"({len(corpus.tokenizer)} tokens): set --model.vocab_size {len(corpus.tokenizer)} or larger"
+            )
+
+        if info.is_main:
+            save_config(cfg, run_dir / "config.yaml")
+            corpus.tokenizer.save_pretrained(str(run_dir / "tokenizer"))
+
+        model = LlamaLM(cfg.model).to(info.device)
+        if info.is_main:
+            print(f"model: {model.num_params(non_embedding=False) / 1e6:.2f}M parameters on {info.device}", flush=True)
+        if cfg.train.compile:
+            model = torch.compile(model)
+        model = wrap_ddp(model, info)
+
+        seq_len, batch = cfg.data.seq_len, cfg.train.batch_size
+        rank_args = {"rank": info.rank, "world_size": info.world_size}
+        try:
+            train_source = TokenWindows(
+                corpus.train, batch, seq_len, mode=cfg.data.sampling, seed=cfg.train.seed, **rank_args
+            )
+            val_windows = EvalWindows(corpus.val, batch, seq_len, cfg.train.eval_batches, **rank_args)
+        except ValueError as err:
+            raise ConfigError(f"data: {err}") from err
+
+        history = fit(
+            model,
+            train_source,
+            cfg.train,
+            run_dir,
+            optim=cfg.optim,
+            evaluate=lambda m: evaluate_loss(m, val_windows, info.device),
+            sample=make_sampler(corpus.tokenizer, cfg.sample, info.device, cfg.train.seed),
+            config=cfg,
+            break_on_nonfinite=dbg.break_on_nonfinite,
+        )
+
+        if info.is_main:
+            if cfg.export_hf:
+                from .model.hf import export_hf
+
+                out = export_hf(unwrap(model), run_dir / "hf", corpus.tokenizer)
+                print(f"exported transformers model to {out}", flush=True)
+            if history:
+                last = history[-1]
+                evals = "".join(f"  eval {k[5:]} {last[k]:.4f}" for k in ("eval_loss", "eval_perplexity") if k in last)
+                print(f"done: step {last['step']}  train loss {last['loss']:.4f}{evals}  run dir {run_dir}")
+        barrier()
+        return history
+    finally:
+        teardown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, dbg = parse_config(PretrainConfig, argv, prog=f"python -m {__package__}.pretrain")
+    if dbg.debug:
+        cfg = apply_debug_profile(cfg)
+    from .debug import NonFiniteError
+
+    try:
+        run(cfg, dbg)
+    except ConfigError as err:
+        fail(str(err), code=2)
+    except (NonFiniteLossError, NonFiniteError) as err:
+        fail(str(err), code=1)
+    except KeyboardInterrupt:
+        print(
+            "interrupted: the latest published checkpoint is intact (resume with --train.resume auto)", file=sys.stderr
+        )
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

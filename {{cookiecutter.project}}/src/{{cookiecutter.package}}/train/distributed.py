@@ -1,0 +1,163 @@
+"""Data-parallel training with ``torchrun``: process-group set-up, DDP wrapping, rank helpers, teardown.
+
+The same entry point runs on one process or many; nothing changes but the launcher::
+
+    python -m <package>.pretrain --config configs/pretrain.yaml                        # 1 process
+    torchrun --nproc_per_node=2 -m <package>.pretrain --config configs/pretrain.yaml   # 2 processes, 1 node
+
+torchrun sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``; :func:`init_distributed`
+reads them (no environment = a single process) and picks the backend: NCCL for CUDA, gloo for CPU. Each process
+draws its own batches (the batch source is seeded by rank), so the global batch is
+``batch_size * grad_accum * world_size``.
+
+Multi-node: start the same command on every node with a rendezvous endpoint that all nodes can reach, e.g.::
+
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_id=$JOB_ID \\
+        --rdzv_endpoint=$HEAD_NODE:29500 -m <package>.pretrain --config configs/pretrain.yaml
+
+(``scripts/slurm-pretrain.sh`` does this under Slurm.) Only rank 0 writes logs, TensorBoard and checkpoints;
+checkpoints go to ``out_dir`` which must then be on a shared file system for ``--train.resume auto`` to work.
+
+FSDP: DDP keeps a full model copy per GPU, which is right for models that fit on one device (everything this template
+trains from scratch). For larger models, replace :func:`wrap_ddp` with ``torch.distributed.fsdp.fully_shard`` applied
+to every ``DecoderBlock`` and then to the root (FSDP2, public in torch >= 2.6); the training step is unchanged except
+that ``no_sync`` becomes ``model.set_requires_gradient_sync(False)``, and checkpoints need
+``torch.distributed.checkpoint`` (sharded state dicts) instead of the rank-0 ``state_dict()`` used here.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else CPU; anything else is passed to torch.device."""
+    if device == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"train.device={device!r} but CUDA is not available: use --train.device cpu")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"train.device={device!r} but MPS is not available: use --train.device cpu")
+    return dev
+
+
+def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
+    """Join the process group torchrun describes in the environment, or return a single-process :class:`DistInfo`.
+
+    Idempotent: a second call (e.g. from a test or a notebook) reuses the existing group.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if world_size > 1:
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)  # before init: NCCL binds this rank to its GPU
+        if not dist.is_initialized():
+            backend = "nccl" if dev.type == "cuda" else "gloo"
+            dist.init_process_group(
+                backend=backend,
+                timeout=datetime.timedelta(minutes=timeout_minutes),
+                device_id=dev if backend == "nccl" else None,
+            )
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
+
+
+def teardown() -> None:
+    """Leave the process group (safe to call when none exists)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_mean(value: float, device: torch.device | None = None) -> float:
+    """Average a Python number over all ranks (returns it unchanged on one process)."""
+    if not is_distributed():
+        return float(value)
+    device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device or "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t.item()) / dist.get_world_size()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` in rank order (a one-element list on one process); used for per-rank data/RNG state."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def wrap_ddp(model: nn.Module, info: DistInfo, **ddp_kwargs: Any) -> nn.Module:
+    """Wrap in DistributedDataParallel when running on more than one process; return ``model`` unchanged otherwise.
+
+    DDP broadcasts rank 0's parameters at construction, so all ranks start from the same weights even if they
+    were initialised differently. For a peft model (frozen base) DDP only syncs the trainable adapter weights.
+    """
+    if not info.distributed:
+        return model
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    return DDP(model, device_ids=device_ids, **ddp_kwargs)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module under DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers.
+
+    Use it to save weights, call ``generate`` or read ``config``: the wrappers only change how forward runs.
+    """
+    while True:
+        if isinstance(model, DDP):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model

@@ -1,0 +1,478 @@
+"""fit(): the one training loop, shared by pre-training and fine-tuning.
+
+What it does, in order, every step: draw ``grad_accum`` micro-batches from a :class:`BatchSource`, call
+:func:`.step.train_step`, log (progress bar, TensorBoard, ``metrics.jsonl``), and when due evaluate, sample and
+checkpoint. Everything else (building the model, the data, the evaluation and sampling functions) belongs to the
+entry point, which passes plain functions in; there are no callbacks beyond ``evaluate``/``sample``/``save_model``.
+
+Also here: the runtime set-up every entry point calls before building its model (:func:`setup_runtime`: seeds,
+deterministic algorithms, TF32) and the precision choice (:func:`resolve_precision`, :func:`autocast_context`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..config import ConfigError, OptimConfig, TrainConfig, config_to_dict
+from . import checkpoint as ckpt
+from .distributed import all_gather_object, all_reduce_mean, barrier, get_rank, get_world_size, unwrap
+from .flops import peak_flops
+from .optim import build_optimizer, build_scheduler
+from .step import NonFiniteLossError, train_step
+
+# --------------------------------------------------------------------------------------------------------------------
+# The data interface fit() consumes
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class BatchSource(Protocol):
+    """An endless supply of batches with a resumable position (the data module's TokenWindows implements it)."""
+
+    def next_batch(self) -> dict[str, Tensor]: ...  # keys that model(**batch) accepts, incl. "labels"
+
+    def state_dict(self) -> dict: ...  # data position, for exact resume
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def _notice(message: str) -> None:
+    if get_rank() == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Runtime set-up and precision
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup_runtime(cfg: TrainConfig, device: torch.device) -> None:
+    """Seeds, determinism and matmul precision; call once before the model is built (its init draws random numbers).
+
+    Every rank uses the same seed so that models start identical; data sources are seeded per rank by the caller.
+    """
+    seed_everything(cfg.seed)
+    if cfg.deterministic:
+        # cuBLAS needs a fixed workspace to be reproducible; must be set before the first CUDA matmul.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # warn_only: an op without a deterministic kernel warns (naming itself) instead of ending the run.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    if device.type == "cuda":
+        # "high" lets fp32 matmuls use TF32 tensor cores (Ampere+): ~8x the fp32 rate at ~1e-3 relative precision.
+        torch.set_float32_matmul_precision("high" if cfg.tf32 else "highest")
+
+
+def _read_cpu_flags() -> set[str]:
+    """CPU feature flags from /proc/cpuinfo (Linux x86 'flags', arm64 'Features'); empty elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    return flags
+
+
+def cpu_supports_bf16() -> bool:
+    """Native bf16 arithmetic on this CPU (x86 AVX512-BF16 / AMX-BF16, Arm BF16), where autocast pays off.
+
+    Without it bf16 is emulated through fp32 conversions and is *slower* than plain fp32.
+    """
+    flags = _read_cpu_flags()
+    if flags & {"avx512_bf16", "amx_bf16", "bf16"}:
+        return True
+    if sys.platform == "darwin":  # Apple silicon M2 and later report FEAT_BF16
+        import subprocess
+
+        try:
+            out = subprocess.run(
+                ["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True, timeout=5
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return out.strip() == "1"
+    return False
+
+
+def resolve_precision(device: torch.device, precision: str) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device``: ``torch.bfloat16`` or ``None`` (plain fp32).
+
+    ``auto`` and ``bf16`` use bf16 autocast where the hardware has native bf16 (CUDA with ``is_bf16_supported``,
+    CPUs with AVX512-BF16/AMX/Arm BF16) and fall back to fp32 with a one-line notice otherwise. fp16 is not
+    offered: it needs loss scaling, and every GPU with bf16 is better served by it.
+    """
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        _notice(f"notice: {torch.cuda.get_device_name(device)} has no bf16 support: training in fp32 (TF32 if allowed)")
+        return None
+    if device.type == "cpu":
+        if cpu_supports_bf16():
+            return torch.bfloat16
+        _notice("notice: this CPU has no native bf16 (AVX512-BF16/AMX/Arm BF16): training in fp32")
+        return None
+    _notice(f"notice: bf16 autocast is not used on {device.type}: training in fp32")
+    return None
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """A reusable context manager for every forward pass: bf16 autocast, or a no-op for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Evaluation helper
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: nn.Module, batches: Iterable[dict[str, Tensor]], device: torch.device, max_batches: int | None = None
+) -> dict[str, float]:
+    """Mean loss and perplexity over ``batches`` (e.g. ``EvalWindows`` or a DataLoader); fit() adds eval mode,
+    ``no_grad`` and autocast around it. Token-weighted would differ only with padding; the mean of batch losses is
+    what nanoGPT and HF Trainer report too."""
+    total, n = 0.0, 0
+    for batch in batches:
+        if max_batches is not None and n >= max_batches:
+            break
+        total += float(model(**to_device(batch, device)).loss)
+        n += 1
+    if n == 0:
+        raise ValueError("evaluate_loss got no batches")
+    loss = total / n
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# fit
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Our LlamaLM knows its FLOPs; otherwise 6 x trainable + 4 x frozen parameters (frozen weights need the forward
+    and the input-gradient matmuls, but no weight gradient)."""
+    if hasattr(model, "flops_per_token"):
+        return float(model.flops_per_token(seq_len))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return 6.0 * trainable + 4.0 * frozen
+
+
+def _due(step: int, every: int, last: bool) -> bool:
+    return last or (every > 0 and step % every == 0)
+
+
+def _params_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.is_floating_point())
+
+
+def _truncate_metrics(path: Path, after_step: int) -> None:
+    """On resume: drop records of steps after the checkpoint (a killed run may have logged a few more)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    keep = [line for line in keep if json.loads(line).get("step", 0) <= after_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _wanted_resume(cfg: TrainConfig, resume: bool | str | Path | None) -> str | Path | None:
+    if resume is None:
+        return cfg.resume
+    if isinstance(resume, bool):
+        return "auto" if resume else None
+    return resume
+
+
+def resolve_start(run_dir: str | Path, cfg: TrainConfig, resume: bool | str | Path | None = None) -> Path | None:
+    """The checkpoint to resume from, or ``None`` for a fresh start; raises :class:`ConfigError` when a fresh start
+    would overwrite checkpoints (without ``cfg.overwrite``) or a resume path holds no checkpoint.
+
+    ``resume``: ``None`` = ``cfg.resume``; ``False`` = fresh; ``True``/``"auto"`` = latest checkpoint (fresh if
+    none yet); a path = that checkpoint (or that run directory's latest). Entry points call it before writing
+    anything so a refused run changes nothing; :func:`fit` calls it again.
+    """
+    root = Path(run_dir) / "checkpoints"
+    want = _wanted_resume(cfg, resume)
+    try:
+        found = ckpt.resolve_resume(want, root)
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from err
+    if found is None and want is None and ckpt.list_checkpoints(root) and not cfg.overwrite:
+        raise ConfigError(
+            f"{run_dir} already has checkpoints (latest {ckpt.latest_checkpoint(root).name}): continue it with "
+            "--train.resume auto, start a new run with another --name, or replace it with --train.overwrite true"
+        )
+    return found
+
+
+def fit(
+    model: nn.Module,
+    train_source: BatchSource,
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    *,
+    optim: OptimConfig | None = None,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    sample: Callable[[nn.Module], str | list[str]] | None = None,
+    resume: bool | str | Path | None = None,
+    extra_state: dict | Callable[[], dict] | None = None,
+    save_model: Callable[[nn.Module, Path], None] | None = None,
+    config: Any = None,
+    break_on_nonfinite: bool = False,
+    flops_per_token: float | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Train ``model`` for ``cfg.max_steps`` optimizer steps; return one metrics dict per step taken.
+
+    Args:
+        model: on its device already; may be wrapped in DDP (:func:`.distributed.wrap_ddp`) and/or compiled. Its
+            forward must return ``.loss`` (our LlamaLM, transformers and peft models all do). For a peft model only
+            the trainable parameters are optimized and checkpointed.
+        train_source: :class:`BatchSource` of training batches (CPU tensors are moved to the model's device).
+        cfg: steps, batch accumulation, clipping, logging/eval/save intervals, precision, resume.
+        run_dir: everything is written here: ``checkpoints/``, ``tb/`` (TensorBoard), ``metrics.jsonl``.
+        optim: AdamW + warmup/cosine settings (:class:`OptimConfig` defaults when omitted).
+        evaluate: ``evaluate(model) -> {"loss": ..., "perplexity": ..., ...}``, called every ``cfg.eval_every``
+            steps and at the end, with the unwrapped model in eval mode under ``no_grad`` and autocast, on every
+            rank (the numbers are averaged over ranks). Logged as ``eval/<key>``; see :func:`evaluate_loss`.
+        sample: ``sample(model) -> text or texts``, called with ``evaluate`` on rank 0 only (same modes); printed and
+            logged to TensorBoard as text.
+        resume: ``None`` = use ``cfg.resume``; ``False`` = fresh; ``True``/``"auto"`` = latest checkpoint in
+            ``run_dir/checkpoints`` (fresh if there is none); a path = that checkpoint (see :func:`resolve_start`).
+            A fresh run refuses to start in a run directory that already has checkpoints unless
+            ``cfg.overwrite``; it then clears ``checkpoints/``, ``tb/`` and ``metrics.jsonl`` of that run.
+        extra_state: plain data (or a function returning it) stored with every checkpoint as ``extra``.
+        save_model: ``save_model(unwrapped_model, checkpoint_dir)`` adds files to each checkpoint before it is
+            published atomically (e.g. a peft adapter: ``model.save_pretrained(checkpoint_dir / "adapter")``).
+        config: the run's full config (dataclass or dict), stored in each checkpoint.
+        break_on_nonfinite: install :class:`..debug.NonFiniteGuard` hooks (the first NaN/Inf activation,
+            loss or gradient is reported with its module; a debugger stops there).
+        flops_per_token: training FLOPs per token for MFU; default from ``model.flops_per_token`` or 6N.
+        progress: show the tqdm bar (rank 0 only).
+
+    Raises:
+        NonFiniteLossError / ``debug.NonFiniteError``: a NaN/Inf loss or gradient; raised before the update and
+            before any checkpoint of that step is written, so the latest checkpoint stays a good one.
+        ConfigError: fresh start in a run directory with checkpoints, or a resume path without a checkpoint.
+    """
+    from ..debug import NonFiniteGuard
+
+    optim = optim or OptimConfig()
+    run_dir = Path(run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    rank, world = get_rank(), get_world_size()
+    main = rank == 0
+    raw = unwrap(model)
+    device = next(raw.parameters()).device
+
+    optimizer = build_optimizer(raw, optim)
+    scheduler = build_scheduler(optimizer, optim, cfg.max_steps)
+
+    # ---- resume, or start fresh (refusing to overwrite checkpoints unless asked to)
+    resume_from = resolve_start(run_dir, cfg, resume)
+    if resume_from is None and _wanted_resume(cfg, resume) == "auto":
+        _notice(f"no checkpoint in {ckpt_root} yet: starting from step 0")
+    start_step = 0
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, raw, optimizer, scheduler, rank=rank)
+        start_step = int(state["step"])
+        data = state.get("data")
+        if isinstance(data, list):  # one position per rank
+            if len(data) != world:
+                _notice(f"notice: checkpoint has data positions for {len(data)} ranks, running {world}: reusing")
+            data = data[rank % len(data)]
+        if data is not None:
+            train_source.load_state_dict(data)
+        _notice(f"resumed from {resume_from} at step {start_step}")
+    elif main:
+        # A fresh run owns its directory: old logs of the same name would interleave with the new curve.
+        for stale in (ckpt_root, run_dir / "tb"):
+            if stale.exists():
+                _notice(f"fresh run: removing {stale}")
+                shutil.rmtree(stale)
+        barrier()
+    else:
+        barrier()
+
+    dtype = resolve_precision(device, cfg.precision)
+    autocast = autocast_context(device, dtype)
+    peak = peak_flops(device, dtype, cfg.peak_tflops)
+    config_dict = config_to_dict(config) if config is not None else None
+
+    writer = None
+    metrics_path = run_dir / "metrics.jsonl"
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(metrics_path, start_step)
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+
+    def save(step: int) -> None:
+        # Every rank contributes its data position and RNG state; rank 0 writes.
+        per_rank = all_gather_object({"data": train_source.state_dict(), "rng": ckpt.rng_state()})
+        if main:
+            if not _params_finite(raw):
+                raise NonFiniteLossError(f"weights are non-finite after step {step}: checkpoint not written")
+            extra = extra_state() if callable(extra_state) else extra_state
+            path = ckpt.save_checkpoint(
+                ckpt_root,
+                step,
+                raw,
+                optimizer,
+                scheduler,
+                data_state=[r["data"] for r in per_rank] if world > 1 else per_rank[0]["data"],
+                rng=[r["rng"] for r in per_rank] if world > 1 else per_rank[0]["rng"],
+                config=config_dict,
+                extra=extra,
+                save_model=save_model,
+                keep=cfg.keep_checkpoints,
+            )
+            _notice(f"checkpoint {path}")
+        barrier()
+
+    def run_eval(step: int, record: dict) -> None:
+        was_training = raw.training
+        raw.eval()
+        try:
+            with torch.no_grad(), autocast:
+                if evaluate is not None:
+                    for key, value in evaluate(raw).items():
+                        record[f"eval_{key}"] = all_reduce_mean(value, device)
+                texts = sample(raw) if (sample is not None and main) else None
+        finally:
+            raw.train(was_training)
+        if not main:
+            return
+        summary = "  ".join(f"{k[5:]} {v:.4g}" for k, v in record.items() if k.startswith("eval_"))
+        if summary:
+            _write(f"eval step {step}: {summary}")
+        for key, value in record.items():
+            if key.startswith("eval_") and writer is not None:
+                writer.add_scalar(f"eval/{key[5:]}", value, step)
+        if texts:
+            texts = [texts] if isinstance(texts, str) else list(texts)
+            for i, text in enumerate(texts):
+                _write(f"--- sample {i} (step {step}) ---\n{text}\n---")
+            if writer is not None:
+                writer.add_text("samples", "\n\n".join(f"    {t}".replace("\n", "\n    ") for t in texts), step)
+
+    bar = None
+    if main and progress:
+        from tqdm.auto import tqdm
+
+        # disable=None: no bar when stderr is not a terminal (CI, log files); the log lines below still appear.
+        bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", dynamic_ncols=True, disable=None)
+
+    def _write(text: str) -> None:
+        if bar is not None:
+            bar.write(text, file=sys.stdout)
+        else:
+            print(text, flush=True)
+
+    history: list[dict] = []
+    fpt: float | None = flops_per_token
+    anomaly = torch.autograd.detect_anomaly(check_nan=True) if cfg.detect_anomaly else contextlib.nullcontext()
+    if start_step >= cfg.max_steps:
+        _notice(f"already at step {start_step} of train.max_steps={cfg.max_steps}: nothing to train")
+    try:
+        with NonFiniteGuard(raw, enabled=break_on_nonfinite) as guard, anomaly:
+            for step in range(start_step, cfg.max_steps):
+                done = step + 1  # 1-based, as logged and as checkpoints are named (step-000001 = after 1 update)
+                guard.step = done
+                t0 = time.perf_counter()
+                batches = [to_device(train_source.next_batch(), device) for _ in range(cfg.grad_accum)]
+                if fpt is None:
+                    fpt = _flops_per_token(raw, batches[0]["input_ids"].shape[-1])
+                result = train_step(
+                    model,
+                    batches,
+                    optimizer,
+                    scheduler,
+                    grad_clip=cfg.grad_clip,
+                    autocast=autocast,
+                    step=done,
+                    check_loss=guard.check_loss,
+                )
+                dt = max(time.perf_counter() - t0, 1e-9)  # .item() in train_step already synchronised the device
+                tokens_per_s = result.tokens / dt
+                record = {
+                    "step": done,
+                    "loss": result.loss,
+                    "lr": result.lr,
+                    "grad_norm": result.grad_norm,
+                    "tokens_per_s": tokens_per_s,
+                    "mfu": tokens_per_s * fpt / (peak * world),
+                }
+                last = done == cfg.max_steps
+                if main:
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(
+                            loss=f"{result.loss:.4f}",
+                            lr=f"{result.lr:.2e}",
+                            gnorm=f"{result.grad_norm:.2f}",
+                            tok_s=f"{tokens_per_s:,.0f}",
+                            mfu=f"{100 * record['mfu']:.1f}%",
+                            refresh=False,
+                        )
+                    if _due(done, cfg.log_every, last):
+                        if writer is not None:
+                            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
+                                writer.add_scalar(f"train/{key}", record[key], done)
+                        if main:  # a persistent line per log interval (the bar only shows the latest step)
+                            _write(
+                                f"step {done}/{cfg.max_steps}  loss {result.loss:.4f}  lr {result.lr:.2e}  "
+                                f"grad_norm {result.grad_norm:.3f}  tok/s {tokens_per_s:,.0f}  "
+                                f"mfu {100 * record['mfu']:.1f}%"
+                            )
+                if (evaluate is not None or sample is not None) and _due(done, cfg.eval_every, last):
+                    run_eval(done, record)
+                if main:
+                    with open(metrics_path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(record) + "\n")
+                history.append(record)
+                if _due(done, cfg.save_every, last):
+                    save(done)
+    finally:
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+    return history

@@ -1,0 +1,188 @@
+"""Checkpoints: complete state round trip, tied weights, weights-only loading, atomic publication, crash safety."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from {{ cookiecutter.package }}.config import OptimConfig
+from {{ cookiecutter.package }}.model.lm import LlamaLM
+from {{ cookiecutter.package }}.train import checkpoint as ckpt
+from {{ cookiecutter.package }}.train.optim import build_optimizer, build_scheduler
+
+
+def _trained(model, steps=2):
+    cfg = OptimConfig(lr=1e-2, warmup_steps=1)
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, total_steps=10)
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    return opt, sched
+
+
+def test_round_trip_restores_everything(tmp_path, tiny_model, tiny_model_config):
+    opt, sched = _trained(tiny_model)
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    path = ckpt.save_checkpoint(
+        tmp_path, 12, tiny_model, opt, sched, data_state={"step": 12, "seed": 0}, config={"a": [1, 2]}, extra={"k": "v"}
+    )
+    expected_draws = (random.random(), np.random.rand(), torch.rand(1).item())
+
+    fresh = LlamaLM(tiny_model_config)
+    opt2 = build_optimizer(fresh, OptimConfig(lr=1e-2, warmup_steps=1))
+    sched2 = build_scheduler(opt2, OptimConfig(lr=1e-2, warmup_steps=1), total_steps=10)
+    random.seed(99), np.random.seed(99), torch.manual_seed(99)
+    state = ckpt.load_checkpoint(path, fresh, opt2, sched2)
+
+    assert path.name == "step-000012" and ckpt.latest_checkpoint(tmp_path) == path
+    assert (state["step"], state["data"]) == (12, {"step": 12, "seed": 0})
+    assert (state["config"], state["extra"]) == ({"a": [1, 2]}, {"k": "v"})
+    for (n, p), q in zip(tiny_model.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(p, q), n
+    assert sched2.state_dict() == sched.state_dict()
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    for a, b in zip(opt.state.values(), opt2.state.values(), strict=True):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected_draws
+
+
+def test_trainer_state_is_weights_only_loadable(tmp_path, tiny_model):
+    opt, sched = _trained(tiny_model)
+    path = ckpt.save_checkpoint(tmp_path, 1, tiny_model, opt, sched, data_state={"arr": np.arange(3)})
+    state = torch.load(path / ckpt.TRAINER_FILE, weights_only=True)  # no pickled code allowed
+    assert state["data"] == {"arr": [0, 1, 2]}  # numpy converted to plain lists
+    assert isinstance(state["rng"]["numpy"][1], list)
+
+
+def test_tied_weights_are_stored_once_and_stay_tied(tmp_path, tiny_model, tiny_model_config):
+    assert tiny_model.lm_head.weight is tiny_model.embed_tokens.weight
+    path = ckpt.save_checkpoint(tmp_path, 1, tiny_model)
+    with safe_open(str(path / ckpt.MODEL_FILE), framework="pt") as f:
+        keys = set(f.keys())
+    assert "embed_tokens.weight" in keys and "lm_head.weight" not in keys
+    fresh = LlamaLM(tiny_model_config)
+    ckpt.load_checkpoint(path, fresh)
+    assert fresh.lm_head.weight is fresh.embed_tokens.weight
+    assert torch.equal(fresh.lm_head.weight, tiny_model.lm_head.weight)
+
+
+def test_untied_model_keeps_both_matrices(tmp_path, tiny_model_config):
+    import dataclasses
+
+    model = LlamaLM(dataclasses.replace(tiny_model_config, tie_embeddings=False))
+    path = ckpt.save_checkpoint(tmp_path, 1, model)
+    fresh = LlamaLM(dataclasses.replace(tiny_model_config, tie_embeddings=False))
+    ckpt.load_checkpoint(path, fresh)
+    assert torch.equal(fresh.lm_head.weight, model.lm_head.weight)
+    assert not torch.equal(fresh.lm_head.weight, fresh.embed_tokens.weight)
+
+
+def test_partly_frozen_model_saves_only_trainable_weights(tmp_path, tiny_model, tiny_model_config):
+    for name, p in tiny_model.named_parameters():
+        p.requires_grad_(name.startswith("layers.1."))
+    path = ckpt.save_checkpoint(tmp_path, 1, tiny_model)
+    with safe_open(str(path / ckpt.MODEL_FILE), framework="pt") as f:
+        keys = set(f.keys())
+    assert keys and all(k.startswith("layers.1.") for k in keys)
+    fresh = LlamaLM(tiny_model_config)
+    for name, p in fresh.named_parameters():
+        p.requires_grad_(name.startswith("layers.1."))
+    ckpt.load_checkpoint(path, fresh)  # non-strict: the frozen base comes from elsewhere
+    assert torch.equal(fresh.layers[1].mlp.up_proj.weight, tiny_model.layers[1].mlp.up_proj.weight)
+
+
+def test_save_model_callback_writes_into_the_published_checkpoint(tmp_path, tiny_model):
+    def save_adapter(model, directory):
+        (directory / "adapter").mkdir()
+        (directory / "adapter" / "adapter_config.json").write_text("{}")
+
+    path = ckpt.save_checkpoint(tmp_path, 3, tiny_model, save_model=save_adapter)
+    assert (path / "adapter" / "adapter_config.json").is_file()
+
+
+def test_latest_pointer_and_retention(tmp_path, tiny_model):
+    for step in (1, 2, 3, 4):
+        ckpt.save_checkpoint(tmp_path, step, tiny_model, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-000003", "step-000004"]
+    assert (tmp_path / "latest").read_text().strip() == "step-000004"
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-000004"
+
+
+@pytest.mark.parametrize("fail_in", ["torch_save", "safetensors", "save_model", "rename"])
+def test_crash_mid_write_keeps_previous_checkpoint(tmp_path, tiny_model, tiny_model_config, monkeypatch, fail_in):
+    good = ckpt.save_checkpoint(tmp_path, 5, tiny_model, data_state={"step": 5})
+    with torch.no_grad():
+        tiny_model.norm.weight.add_(1.0)  # the next save would differ
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    save_model = None
+    if fail_in == "torch_save":
+        monkeypatch.setattr(ckpt.torch, "save", boom)
+    elif fail_in == "safetensors":
+        monkeypatch.setattr(ckpt, "save_file", boom)
+    elif fail_in == "save_model":
+        save_model = boom
+    else:
+        monkeypatch.setattr(ckpt.os, "replace", boom)
+    with pytest.raises(OSError, match="simulated"):
+        ckpt.save_checkpoint(tmp_path, 10, tiny_model, data_state={"step": 10}, save_model=save_model)
+    monkeypatch.undo()
+
+    assert ckpt.latest_checkpoint(tmp_path) == good
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("step-")] == ["step-000005"]
+    fresh = LlamaLM(tiny_model_config)
+    state = ckpt.load_checkpoint(good, fresh)
+    assert state["data"] == {"step": 5}
+    assert not torch.equal(fresh.norm.weight, tiny_model.norm.weight)  # the old weights, not the new ones
+
+
+def test_half_written_directories_are_ignored_and_cleaned(tmp_path, tiny_model):
+    good = ckpt.save_checkpoint(tmp_path, 5, tiny_model)
+    # A save killed before its rename, and a directory someone copied in by hand without its trainer state.
+    (tmp_path / ".tmp-step-000010-4242").mkdir()
+    (tmp_path / ".tmp-step-000010-4242" / ckpt.MODEL_FILE).write_bytes(b"partial")
+    (tmp_path / "step-000020").mkdir()
+    (tmp_path / "step-000020" / ckpt.MODEL_FILE).write_bytes(b"partial")
+    (tmp_path / "latest").write_text("step-000020\n")  # even a pointer to it is not trusted
+    assert ckpt.latest_checkpoint(tmp_path) == good
+    assert ckpt.resolve_resume("auto", tmp_path) == good
+    ckpt.save_checkpoint(tmp_path, 6, tiny_model)
+    assert not (tmp_path / ".tmp-step-000010-4242").exists()
+
+
+def test_missing_pointer_falls_back_to_newest(tmp_path, tiny_model):
+    ckpt.save_checkpoint(tmp_path, 1, tiny_model)
+    newest = ckpt.save_checkpoint(tmp_path, 2, tiny_model)
+    (tmp_path / "latest").unlink()
+    assert ckpt.latest_checkpoint(tmp_path) == newest
+
+
+def test_resolve_resume(tmp_path, tiny_model):
+    assert ckpt.resolve_resume(None, tmp_path) is None
+    assert ckpt.resolve_resume("auto", tmp_path) is None  # nothing yet: a fresh start
+    path = ckpt.save_checkpoint(tmp_path / "run" / "checkpoints", 3, tiny_model)
+    assert ckpt.resolve_resume(str(path), tmp_path) == path
+    assert ckpt.resolve_resume(str(tmp_path / "run"), tmp_path) == path  # a run directory means its latest
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        ckpt.resolve_resume(str(tmp_path / "nope"), tmp_path)
+
+
+def test_resave_same_step_replaces_atomically(tmp_path, tiny_model, tiny_model_config):
+    ckpt.save_checkpoint(tmp_path, 4, tiny_model)
+    with torch.no_grad():
+        tiny_model.norm.weight.fill_(3.0)
+    path = ckpt.save_checkpoint(tmp_path, 4, tiny_model)
+    fresh = LlamaLM(tiny_model_config)
+    ckpt.load_checkpoint(path, fresh)
+    assert torch.all(fresh.norm.weight == 3.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-000004"]

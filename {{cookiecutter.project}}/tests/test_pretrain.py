@@ -1,0 +1,154 @@
+"""The pretrain entry point end to end: outputs, TensorBoard, HF export, --debug, and every bad-input path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from {{ cookiecutter.package }} import pretrain
+from {{ cookiecutter.package }}.config import PretrainConfig, load_config
+from {{ cookiecutter.package }}.debug import INJECT_NAN_ENV
+from {{ cookiecutter.package }}.model.lm import LlamaLM
+from {{ cookiecutter.package }}.train import checkpoint as ckpt
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _exit_code(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.main(argv)
+    return exit_info.value.code
+
+
+def test_tiny_run_writes_everything(tmp_path, pretrain_args, capsys):
+    pretrain.main([*pretrain_args, "--export_hf", "true", "--train.tensorboard", "true"])
+    out = capsys.readouterr().out
+    run_dir = tmp_path / "runs" / "tiny"
+
+    # The resolved config is printed and saved, and reproduces the run.
+    assert "max_steps: 8" in out
+    cfg = load_config(PretrainConfig, run_dir / "config.yaml")
+    assert cfg.train.max_steps == 8 and cfg.model.dim == 32 and cfg.export_hf
+
+    metrics = _metrics(run_dir)
+    assert [m["step"] for m in metrics] == list(range(1, 9))
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    assert {"lr", "grad_norm", "tokens_per_s", "mfu"} <= metrics[0].keys()
+    assert all(m["mfu"] > 0 for m in metrics)
+    evals = [m for m in metrics if "eval_loss" in m]
+    assert [m["step"] for m in evals] == [4, 8]
+    assert evals[-1]["eval_perplexity"] == pytest.approx(torch.tensor(evals[-1]["eval_loss"]).exp().item(), rel=1e-4)
+    assert "--- sample 0 (step 8) ---" in out
+
+    assert [p.name for p in ckpt.list_checkpoints(run_dir / "checkpoints")] == ["step-000004", "step-000008"]
+    assert (run_dir / "tokenizer" / "tokenizer.json").is_file()
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu"} <= tags
+    assert {"eval/loss", "eval/perplexity"} <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
+
+    # The transformers export computes what the final checkpoint computes.
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(run_dir / "hf")
+    ours = LlamaLM(cfg.model)
+    ckpt.load_checkpoint(run_dir / "checkpoints" / "step-000008", ours, restore_rng=False)
+    ids = torch.randint(0, cfg.model.vocab_size, (1, 12))
+    torch.testing.assert_close(hf(ids).logits, ours(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_debug_profile(tmp_path, pretrain_args):
+    try:
+        pretrain.main([*pretrain_args, "--debug"])
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    run_dir = tmp_path / "runs" / "tiny-debug"  # never the real run's directory
+    metrics = _metrics(run_dir)
+    assert len(metrics) == 8 and all("eval_loss" in m for m in metrics)  # eval every step (8 < the cap of 20)
+    assert [p.name for p in ckpt.list_checkpoints(run_dir / "checkpoints")] == ["step-000008"]  # at the end only
+    cfg = load_config(PretrainConfig, run_dir / "config.yaml")
+    t = cfg.train
+    assert (t.precision, t.deterministic, t.detect_anomaly, t.compile) == ("fp32", True, True, False)
+    pretrain.main([*pretrain_args, "--debug"])  # re-running the debug profile replaces it instead of refusing
+    torch.use_deterministic_algorithms(False)
+    assert len(_metrics(run_dir)) == 8
+
+
+def test_missing_data_path(tmp_path, pretrain_args, capsys):
+    assert _exit_code([*pretrain_args, "--data.path", str(tmp_path / "nope.txt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: data: ") and "nope.txt" in err and err.count("\n") == 0
+    assert not (tmp_path / "runs" / "tiny" / "config.yaml").exists()
+
+
+def test_vocab_size_too_small_for_the_tokenizer(tmp_path, pretrain_args, capsys):
+    assert _exit_code([*pretrain_args, "--data.vocab_size", "320", "--model.vocab_size", "300"]) == 2
+    err = capsys.readouterr().err
+    assert "model.vocab_size=300 is smaller than the tokenizer's vocabulary" in err and "Traceback" not in err
+
+
+def test_refuses_to_overwrite_an_existing_run(tmp_path, pretrain_args, capsys):
+    pretrain.main([*pretrain_args, "--train.max_steps", "4"])
+    latest = ckpt.latest_checkpoint(tmp_path / "runs" / "tiny" / "checkpoints")
+    before = (latest / ckpt.MODEL_FILE).read_bytes()
+    capsys.readouterr()
+    assert _exit_code([*pretrain_args, "--train.max_steps", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "already has checkpoints" in err and "--train.resume auto" in err
+    assert (latest / ckpt.MODEL_FILE).read_bytes() == before
+    # resuming a finished run trains nothing and keeps the checkpoint
+    pretrain.main([*pretrain_args, "--train.max_steps", "4", "--train.resume", "auto", "--export_hf", "false"])
+    assert (latest / ckpt.MODEL_FILE).read_bytes() == before
+
+
+def test_bad_resume_path(tmp_path, pretrain_args, capsys):
+    assert _exit_code([*pretrain_args, "--train.resume", str(tmp_path / "missing")]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_before_any_bad_checkpoint(tmp_path, pretrain_args, monkeypatch, capsys):
+    monkeypatch.setenv(INJECT_NAN_ENV, "layers.0.mlp:6")  # a NaN in the forward of step 6 (1-based, as logged)
+    assert _exit_code([*pretrain_args, "--train.save_every", "2", "--train.eval_every", "0"]) == 1
+    err = capsys.readouterr().err
+    error_lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1 and "non-finite loss (nan) at step 6" in error_lines[0] and "Traceback" not in err
+    root = tmp_path / "runs" / "tiny" / "checkpoints"
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-000002", "step-000004"]
+    model = LlamaLM(load_config(PretrainConfig, tmp_path / "runs" / "tiny" / "config.yaml").model)
+    ckpt.load_checkpoint(ckpt.latest_checkpoint(root), model, restore_rng=False)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_cli_errors_are_one_line_without_traceback(pretrain_args, subprocess_env, package_name):
+    cmd = [sys.executable, "-m", f"{package_name}.pretrain", *pretrain_args, "--train.max_stepz", "3"]
+    proc = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: unrecognized arguments: --train.max_stepz 3"]
+    assert proc.stdout == ""
+
+
+@pytest.mark.slow
+def test_shipped_debug_config_runs_on_the_embedded_corpus(tmp_path, data_cache_dir, capsys):
+    argv = ["--config", str(CONFIGS / "pretrain-debug.yaml"), "--out_dir", str(tmp_path / "runs")]
+    pretrain.main([*argv, "--data.cache_dir", str(data_cache_dir), "--train.max_steps", "10"])
+    torch.use_deterministic_algorithms(False)
+    assert "built-in Shakespeare corpus" in capsys.readouterr().out
+    run_dir = tmp_path / "runs" / "pretrain-debug"
+    assert (run_dir / "hf" / "config.json").is_file()
+    metrics = _metrics(run_dir)
+    assert len(metrics) == 10 and metrics[-1]["loss"] < metrics[0]["loss"]

@@ -1,0 +1,168 @@
+"""train_step: accumulation, clipping, scheduler, non-finite handling, and every model kind (ours, HF, peft)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from {{ cookiecutter.package }}.train import step as step_module
+from {{ cookiecutter.package }}.train.step import NonFiniteLossError, StepResult, count_tokens, train_step
+
+
+def _batch(n: int, seq: int = 16, vocab: int = 96, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (n, seq), generator=g)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def _split(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
+    return [
+        dict(zip(batch, values, strict=True)) for values in zip(*(v.chunk(parts) for v in batch.values()), strict=True)
+    ]
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_model):
+    # SGD: the update is proportional to the gradient, so equal updates mean equal accumulated gradients.
+    big = copy.deepcopy(tiny_model)
+    batch = _batch(4)
+    results = []
+    for model, micro in ((big, [batch]), (tiny_model, _split(batch, 2))):
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        results.append(train_step(model, micro, opt, None, grad_clip=0.0, autocast=contextlib.nullcontext(), step=0))
+    assert results[0].loss == pytest.approx(results[1].loss, rel=1e-5)
+    assert results[0].grad_norm == pytest.approx(results[1].grad_norm, rel=1e-4)
+    assert results[0].tokens == results[1].tokens == 4 * 16
+    for p, q in zip(big.parameters(), tiny_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_clip_scheduler_and_zero_grad(tiny_model):
+    batch = _batch(2)
+    reference = copy.deepcopy(tiny_model)
+    reference(**batch).loss.backward()
+    expected_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in reference.parameters()])).item()
+
+    before = [p.detach().clone() for p in tiny_model.parameters()]
+    opt = torch.optim.SGD(tiny_model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s)
+    max_norm = expected_norm / 10
+    result = train_step(tiny_model, [batch], opt, sched, grad_clip=max_norm, autocast=contextlib.nullcontext(), step=0)
+
+    assert isinstance(result, StepResult)
+    assert result.grad_norm == pytest.approx(expected_norm, rel=1e-4)  # reported before clipping
+    update = torch.linalg.vector_norm(
+        torch.stack([(p - b).norm() for p, b in zip(tiny_model.parameters(), before, strict=True)])
+    )
+    assert update.item() == pytest.approx(max_norm, rel=1e-3)  # SGD lr 1: the update is the clipped gradient
+    assert result.lr == 1.0 and opt.param_groups[0]["lr"] == 0.5  # lr used, then one scheduler step
+    assert all(p.grad is None for p in tiny_model.parameters())  # zero_grad(set_to_none=True)
+
+
+def test_check_loss_sees_every_micro_batch(tiny_model):
+    seen = []
+    opt = torch.optim.AdamW(tiny_model.parameters())
+    train_step(
+        tiny_model,
+        _split(_batch(4), 4),
+        opt,
+        None,
+        grad_clip=1.0,
+        autocast=contextlib.nullcontext(),
+        step=3,
+        check_loss=lambda loss: seen.append(loss.item()),
+    )
+    assert len(seen) == 4 and all(x > 0 for x in seen)
+
+
+class _NaNModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+
+    def forward(self, input_ids, labels=None, **kwargs):
+        return SimpleNamespace(loss=(self.w * float("nan")).sum())
+
+
+def test_non_finite_loss_stops_before_the_update():
+    model = _NaNModel()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 7"):
+        train_step(model, _split(_batch(2), 2), opt, None, grad_clip=1.0, autocast=contextlib.nullcontext(), step=7)
+    assert torch.equal(model.w.detach(), torch.ones(3))
+    assert not opt.state and model.w.grad is None  # no optimizer step, gradients dropped
+
+
+def test_missing_labels_is_a_clear_error(tiny_model):
+    opt = torch.optim.SGD(tiny_model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="labels"):
+        train_step(
+            tiny_model,
+            [{"input_ids": _batch(1)["input_ids"]}],
+            opt,
+            None,
+            grad_clip=1.0,
+            autocast=contextlib.nullcontext(),
+            step=0,
+        )
+
+
+def test_count_tokens_uses_the_attention_mask():
+    batch = _batch(2, seq=5)
+    assert count_tokens(batch) == 10
+    batch["attention_mask"] = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert count_tokens(batch) == 8
+
+
+def test_bf16_autocast_on_cpu(tiny_model):
+    opt = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    losses = [
+        train_step(tiny_model, [_batch(2, seed=0)], opt, None, grad_clip=1.0, autocast=autocast, step=i).loss
+        for i in range(3)  # the same autocast object is re-entered every step
+    ]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert all(p.dtype == torch.float32 for p in tiny_model.parameters())  # master weights stay fp32
+
+
+def test_breakpoint_marker_is_on_a_statement_after_the_loss():
+    source = inspect.getsource(step_module)
+    assert "put a breakpoint here" in inspect.getdoc(train_step).lower()
+    lines = source.splitlines()
+    marker = [i for i, line in enumerate(lines) if "# breakpoint: loss is computed" in line]
+    assign = [i for i, line in enumerate(lines) if line.strip().startswith("loss = ")]
+    assert len(marker) == 1 and assign and assign[0] < marker[0]
+    code = lines[marker[0]].split("#")[0].strip()
+    assert code and "loss" in code  # a statement (debuggers stop on code lines, not on comment-only lines)
+
+
+def test_transformers_and_peft_models():
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32,
+    )  # fmt: skip
+    hf = LlamaForCausalLM(config)
+    opt = torch.optim.AdamW(hf.parameters(), lr=1e-3)
+    result = train_step(hf, [_batch(2)], opt, None, grad_clip=1.0, autocast=contextlib.nullcontext(), step=0)
+    assert torch.isfinite(torch.tensor(result.loss)) and result.grad_norm > 0
+
+    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    trainable = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in peft_model.named_parameters() if not p.requires_grad}
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    for i in range(2):  # lora_B starts at zero: the second step moves lora_A too
+        train_step(peft_model, [_batch(2)], opt, None, grad_clip=1.0, autocast=contextlib.nullcontext(), step=i)
+    params = dict(peft_model.named_parameters())
+    assert all("lora_" in n for n in trainable)
+    assert all(not torch.equal(params[n], v) for n, v in trainable.items())
+    assert all(torch.equal(params[n], v) for n, v in frozen.items())
