@@ -1,0 +1,460 @@
+"""LoRA fine-tuning: ``python -m <package>.finetune --config configs/finetune-sft.yaml`` (or finetune-classify.yaml).
+
+Two tasks, chosen by ``task``:
+
+- ``sft``: instruction tuning on JSONL prompt/response or chat ``messages`` (data/sft.py: chat or plain template,
+  loss on the response tokens only, padding or packing). Evaluation: response loss and perplexity.
+- ``classify``: sequence classification on CSV/JSONL text + label (data/classify.py: label set inferred and saved,
+  optional class-weighted loss). Evaluation: accuracy, per-class and macro precision/recall/F1, confusion matrix.
+
+The base model is any transformers directory or hub id, or a pre-training run directory; the default is
+``runs/pretrain/hf`` (what ``pretrain`` exports), so pretrain -> finetune runs offline on the builtin data sets.
+Under ``--debug`` a missing pre-trained model is replaced by a tiny random one built from the debug profile.
+
+Training is pretrain's: the same ``fit()`` / ``train_step`` / checkpoints (only the trainable adapter weights and
+their optimizer state are checkpointed; ``--train.resume auto`` wraps a fresh base model once and loads them back).
+
+Run directory ``<out_dir>/<name>/``: ``config.yaml``, ``checkpoints/``, ``tb/``, ``metrics.jsonl`` (per step),
+``metrics.json`` (final evaluation), ``adapter/`` (adapter_config.json + adapter_model.safetensors + tokenizer),
+``label_map.json`` (classify), and with ``--merge true`` ``hf/`` (a standalone model with the adapter merged in).
+
+Exit codes: 0 done, 2 bad input (config, data, model path, QLoRA without CUDA, existing run), 1 non-finite loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import (
+    ConfigError,
+    DebugConfig,
+    FinetuneConfig,
+    PretrainConfig,
+    apply_debug_profile,
+    config_to_yaml,
+    fail,
+    parse_config,
+    save_config,
+)
+from .data import classify as cls_data
+from .data import sft as sft_data
+from .lora import apply_lora, check_qlora, count_parameters, load_model, merge_and_save
+from .metrics import TokenLossMeter, classification_metrics, format_confusion_matrix, perplexity
+from .train.distributed import barrier, init_distributed, resolve_device, teardown, unwrap, wrap_ddp
+from .train.loop import fit, resolve_start, setup_runtime, to_device
+from .train.step import NonFiniteLossError
+
+ADAPTER_DIR = "adapter"
+MERGED_DIR = "hf"
+METRICS_FILE = "metrics.json"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Classification loss
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass
+class ClassifierOutput:
+    logits: Tensor  # [B, K]
+    loss: Tensor | None = None
+
+
+class ClassifierWithLoss(nn.Module):
+    """A sequence classifier whose loss we compute: cross-entropy, optionally with class weights.
+
+    transformers' classifiers have no class-weight option; wrapping keeps ``model(**batch).loss`` (what train_step
+    calls) true for both the weighted and the plain loss. ``self.model`` is the peft-wrapped classifier.
+    """
+
+    def __init__(self, model: nn.Module, class_weights: Tensor | None = None):
+        super().__init__()
+        self.model = model
+        self.register_buffer("class_weights", class_weights, persistent=False)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None, **kwargs):
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, K]
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float(), labels, weight=self.class_weights)
+        return ClassifierOutput(logits=logits, loss=loss)
+
+
+def peft_model_of(model: nn.Module) -> nn.Module:
+    """The peft model inside the (DDP-unwrapped) training module."""
+    model = unwrap(model)
+    return model.model if isinstance(model, ClassifierWithLoss) else model
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Base model resolution (defaults and the --debug fallback)
+# ----------------------------------------------------------------------------------------------------------------------
+def pretrain_export_dir(debug: bool) -> Path:
+    """Where ``pretrain`` (with or without ``--debug``) writes its transformers export."""
+    p = PretrainConfig()
+    if debug:
+        p = apply_debug_profile(p)
+    return Path(p.out_dir) / p.name / "hf"
+
+
+def resolve_base_model(cfg: FinetuneConfig, debug: bool) -> str | None:
+    """The model to fine-tune; None = build a tiny one (``--debug`` without a pre-trained model)."""
+    default = str(pretrain_export_dir(debug=False))
+    if cfg.base_model != default:
+        return cfg.base_model
+    export = pretrain_export_dir(debug)
+    if (export / "config.json").is_file():
+        return str(export)
+    if debug:
+        return None
+    raise ConfigError(
+        f"{export} not found: run pretrain first (python -m {__package__}.pretrain --config configs/pretrain.yaml) "
+        "or pass --base_model DIR_OR_HUB_ID"
+    )
+
+
+def build_tiny_base(out_dir: Path, max_seq_len: int) -> str:
+    """A random LlamaLM of the debug profile's size with a BPE tokenizer trained on the builtin corpus, exported
+    as a transformers directory so that it takes the same path as a real model. ~2 s."""
+    from .data.builtin import read_corpus_text
+    from .data.tokenizer import train_tokenizer
+    from .model.hf import export_hf
+    from .model.lm import LlamaLM
+
+    print(f"--debug: no pre-trained model at {pretrain_export_dir(True)}: building a tiny random one", flush=True)
+    texts = [t for t in read_corpus_text().split("\n\n") if t.strip()]
+    tokenizer = train_tokenizer(texts, vocab_size=1024)
+    model_cfg = dataclasses.replace(
+        apply_debug_profile(PretrainConfig()).model, vocab_size=len(tokenizer), max_seq_len=max_seq_len
+    )
+    export_hf(LlamaLM(model_cfg), out_dir, tokenizer)
+    return str(out_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass
+class TaskData:
+    train: list[Any]  # encoded training examples (SFT: packed windows when packing)
+    val: list[Any]  # encoded validation examples (never packed: exact per-example masks)
+    collate_train: Any
+    collate_eval: Any
+    labels: list[str] | None = None  # classify
+    class_weights: Tensor | None = None
+
+
+def read_sft(cfg: FinetuneConfig) -> tuple[list, list]:
+    from .data.builtin import BUILTIN_SFT
+
+    conversations = sft_data.load_conversations(cfg.data.path or BUILTIN_SFT)
+    if cfg.data.val_path:
+        return conversations, sft_data.load_conversations(cfg.data.val_path)
+    return sft_data.holdout(conversations, cfg.data.val_fraction, cfg.train.seed)
+
+
+def read_classify(cfg: FinetuneConfig) -> tuple[list, list, cls_data.LabelMap]:
+    from .data.builtin import BUILTIN_CLASSIFY
+
+    keys = {"text_key": cfg.data.text_key, "label_key": cfg.data.label_key}
+    rows = cls_data.load_rows(cfg.data.path or BUILTIN_CLASSIFY, **keys)
+    if cfg.data.val_path:
+        train, val = rows, cls_data.load_rows(cfg.data.val_path, **keys)
+    else:
+        train, val = cls_data.split_rows(rows, cfg.data.val_fraction, cfg.train.seed)
+    label_map = cls_data.LabelMap.infer([r[cfg.data.label_key] for r in train])
+    for i, row in enumerate(val):  # fail before the model loads: the head has no output for a new label
+        label_map.encode(row[cfg.data.label_key], where=f"{cfg.data.val_path or 'validation split'} row {i + 1}")
+    return train, val, label_map
+
+
+def encode_data(cfg: FinetuneConfig, raw: tuple, tokenizer: Any, max_len: int) -> TaskData:
+    pad_id = tokenizer.pad_token_id
+    if cfg.task == "sft":
+        train_conv, val_conv = raw
+        train, dropped = sft_data.encode_conversations(train_conv, tokenizer, max_len, source="train")
+        val = sft_data.encode_conversations(val_conv, tokenizer, max_len, source="val")[0] if val_conv else []
+        if dropped:
+            print(f"notice: {dropped} training examples dropped: the prompt fills data.max_seq_len={max_len}")
+        if cfg.data.packing:
+            train = sft_data.pack_examples(train, max_len)
+        return TaskData(
+            train=train,
+            val=val,
+            collate_train=sft_data.sft_collate(pad_id, max_len, cfg.data.packing),
+            collate_eval=sft_data.sft_collate(pad_id, max_len, packing=False),
+        )
+    train_rows, val_rows, label_map = raw
+    keys = {"text_key": cfg.data.text_key, "label_key": cfg.data.label_key}
+    train = cls_data.encode_rows(train_rows, tokenizer, label_map, max_len, source="train", **keys)
+    val = cls_data.encode_rows(val_rows, tokenizer, label_map, max_len, source="val", **keys) if val_rows else []
+    collate = cls_data.classify_collate(pad_id)
+    weights = cls_data.class_weights(train, len(label_map)) if cfg.class_weights else None
+    return TaskData(train, val, collate, collate, labels=label_map.labels, class_weights=weights)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation and sampling
+# ----------------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_sft(model: nn.Module, data: TaskData, batch_size: int, device, max_batches: int | None = None) -> dict:
+    """Response loss (token-weighted mean CE over response tokens) and its perplexity."""
+    meter = TokenLossMeter()
+    for i, batch in enumerate(sft_data.iter_batches(data.val, batch_size, data.collate_eval)):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = to_device(batch, device)
+        loss = model(**batch).loss
+        meter.update(float(loss), int((batch["labels"][:, 1:] != sft_data.IGNORE_INDEX).sum()))  # shifted targets
+    return {"loss": meter.mean, "perplexity": perplexity(meter.mean), "tokens": meter.tokens}
+
+
+@torch.no_grad()
+def evaluate_classify(
+    model: nn.Module, data: TaskData, batch_size: int, device, max_batches: int | None = None
+) -> dict:
+    """Loss plus accuracy, per-class and macro precision/recall/F1 and the confusion matrix."""
+    preds, golds, loss_sum = [], [], 0.0
+    for i, batch in enumerate(sft_data.iter_batches(data.val, batch_size, data.collate_eval)):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = to_device(batch, device)
+        out = model(**batch)
+        loss_sum += float(out.loss) * len(batch["labels"])
+        preds += out.logits.argmax(dim=-1).tolist()
+        golds += batch["labels"].tolist()
+    metrics = classification_metrics(golds, preds, data.labels)
+    metrics["loss"] = loss_sum / max(len(golds), 1)
+    return metrics
+
+
+def scalar_metrics(metrics: dict) -> dict[str, float]:
+    """The numbers fit() logs every evaluation (it averages them over ranks)."""
+    keys = ("loss", "perplexity", "accuracy", "macro_precision", "macro_recall", "macro_f1")
+    return {k: float(metrics[k]) for k in keys if k in metrics}
+
+
+def make_sft_sampler(tokenizer: Any, cfg: FinetuneConfig, device: torch.device):
+    """sample(model) -> completions of cfg.sample.prompts rendered with the SFT template (fork_rng: the training
+    random stream is not touched by sampling)."""
+    stop = sft_data.stop_token_ids(tokenizer)
+
+    def sample(model: nn.Module) -> list[str]:
+        texts = []
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(cfg.train.seed)
+            for prompt in cfg.sample.prompts:
+                ids = torch.tensor([sft_data.prompt_ids(prompt, tokenizer)], device=device)
+                s = cfg.sample
+                out = generate_ids(model, ids, tokenizer, s.max_new_tokens, s.temperature, s.top_k, None, stop)
+                texts.append(prompt + " -> " + tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+        return texts
+
+    return sample
+
+
+def generate_ids(model, input_ids, tokenizer, max_new_tokens, temperature, top_k, top_p, stop_ids) -> Tensor:
+    """transformers' generate (works on peft-wrapped and merged models alike): [1, T] -> [1, T + new]."""
+    sampling = temperature > 0
+    kwargs: dict[str, Any] = {"do_sample": sampling}
+    if sampling:
+        kwargs.update(temperature=temperature, top_k=top_k or 0, top_p=top_p if top_p is not None else 1.0)
+    return model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stop_ids or None,
+        pad_token_id=tokenizer.pad_token_id,
+        **kwargs,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# run
+# ----------------------------------------------------------------------------------------------------------------------
+def _check_resume_labels(run_dir: Path, cfg: FinetuneConfig, labels: list[str] | None) -> None:
+    from .train.checkpoint import load_trainer_state
+
+    start = resolve_start(run_dir, cfg.train)
+    if start is None or labels is None:
+        return
+    saved = (load_trainer_state(start).get("extra") or {}).get("labels")
+    if saved is not None and list(saved) != list(labels):
+        raise ConfigError(f"{start}: checkpoint labels {saved} differ from the data's labels {labels}")
+
+
+def run(cfg: FinetuneConfig, dbg: DebugConfig | None = None) -> dict:
+    """Fine-tune as configured; returns the final metrics (also in run_dir/metrics.json). Raises ConfigError."""
+    dbg = dbg or DebugConfig()
+    try:
+        device = resolve_device(cfg.train.device)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    check_qlora(cfg.lora, device)  # before anything is read or loaded
+    info = init_distributed(cfg.train.device)
+    try:
+        from .debug import start_debugger
+
+        start_debugger(dbg, info.rank)
+        run_dir = Path(cfg.out_dir) / cfg.name
+        resolve_start(run_dir, cfg.train)  # refuse early: existing run without resume/overwrite, bad resume path
+        base = resolve_base_model(cfg, dbg.debug)
+        raw = read_sft(cfg) if cfg.task == "sft" else read_classify(cfg)  # data errors before the model loads
+        labels = raw[2].labels if cfg.task == "classify" else None
+        _check_resume_labels(run_dir, cfg, labels)
+        if info.is_main:
+            print(config_to_yaml(cfg), end="", flush=True)
+        setup_runtime(cfg.train, info.device)
+
+        if base is None:
+            base = build_tiny_base(run_dir / "base", cfg.data.max_seq_len) if info.is_main else None
+            barrier()
+            base = base or str(run_dir / "base")
+        model, tokenizer = load_model(
+            base, cfg.task, labels=labels, settings=cfg.lora, trust_remote_code=cfg.trust_remote_code
+        )
+        max_len = cfg.data.max_seq_len
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit and max_len > limit:
+            print(f"notice: data.max_seq_len={max_len} -> {limit} (the model's max_position_embeddings)")
+            max_len = limit
+        data = encode_data(cfg, raw, tokenizer, max_len)
+
+        model = apply_lora(model, cfg.lora, cfg.task)
+        trainable, total = count_parameters(model)
+        if info.is_main:
+            print(f"model: {base}  trainable {trainable:,} / {total:,} parameters ({100 * trainable / total:.2f}%)")
+            unit = "windows" if cfg.data.packing else "examples"
+            print(f"data: {len(data.train)} training {unit}, {len(data.val)} validation examples")
+        if cfg.task == "classify":
+            model = ClassifierWithLoss(model, data.class_weights)
+        if not cfg.lora.qlora:  # a 4-bit model is placed by its device_map
+            model = model.to(info.device)
+        model = wrap_ddp(model, info)
+
+        if info.is_main:
+            save_config(cfg, run_dir / "config.yaml")
+            if labels is not None:
+                cls_data.LabelMap(labels).save(run_dir)
+
+        evaluate_fn = evaluate_sft if cfg.task == "sft" else evaluate_classify
+        bs = cfg.train.batch_size
+
+        def evaluate(m: nn.Module) -> dict[str, float]:  # every train.eval_every steps, on train.eval_batches
+            return scalar_metrics(evaluate_fn(m, data, bs, info.device, cfg.train.eval_batches))
+
+        source = sft_data.ExampleBatches(data.train, bs, data.collate_train, seed=cfg.train.seed + info.rank)
+        history = fit(
+            model,
+            source,
+            cfg.train,
+            run_dir,
+            optim=cfg.optim,
+            evaluate=evaluate if data.val else None,
+            sample=make_sft_sampler(tokenizer, cfg, info.device) if cfg.task == "sft" else None,
+            extra_state={"labels": labels, "task": cfg.task, "base_model": base},
+            save_model=lambda m, d: peft_model_of(m).save_pretrained(str(d / ADAPTER_DIR)),
+            config=cfg,
+            break_on_nonfinite=dbg.break_on_nonfinite,
+        )
+
+        result: dict[str, Any] = {}
+        if info.is_main:
+            result = finish(cfg, run_dir, model, tokenizer, data, history, base, (trainable, total), evaluate_fn)
+        barrier()
+        return result
+    finally:
+        teardown()
+
+
+def finish(cfg, run_dir, model, tokenizer, data, history, base, counts, evaluate_fn) -> dict:
+    """Save the adapter (+ tokenizer, label map), evaluate on the whole validation set, write metrics, merge."""
+    peft_model = peft_model_of(model)
+    adapter_dir = run_dir / ADAPTER_DIR
+    peft_model.save_pretrained(str(adapter_dir))
+    tokenizer.save_pretrained(str(adapter_dir))
+    if data.labels is not None:
+        cls_data.LabelMap(data.labels).save(adapter_dir)
+
+    raw_model = unwrap(model)
+    result: dict[str, Any] = {
+        "task": cfg.task,
+        "base_model": base,
+        "steps": history[-1]["step"] if history else 0,
+        "train_loss": history[-1]["loss"] if history else None,
+        "trainable_params": counts[0],
+        "total_params": counts[1],
+    }
+    if data.val:
+        raw_model.eval()
+        device = next(raw_model.parameters()).device
+        result["eval"] = evaluate_fn(raw_model, data, cfg.train.batch_size, device)
+        raw_model.train()
+    (run_dir / METRICS_FILE).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    log_final_metrics(run_dir, result, cfg.train.tensorboard)
+    print(summary_line(result, run_dir), flush=True)
+
+    if cfg.merge:
+        out = merge_and_save(peft_model, run_dir / MERGED_DIR, tokenizer)
+        print(f"merged model written to {out}", flush=True)
+    return result
+
+
+def log_final_metrics(run_dir: Path, result: dict, tensorboard: bool) -> None:
+    ev = result.get("eval")
+    if not tensorboard or not ev:
+        return
+    from torch.utils.tensorboard import SummaryWriter
+
+    step = result["steps"]
+    with SummaryWriter(str(run_dir / "tb")) as writer:
+        for key, value in scalar_metrics(ev).items():
+            writer.add_scalar(f"final/{key}", value, step)
+        for label, scores in ev.get("per_class", {}).items():
+            for key in ("precision", "recall", "f1"):
+                writer.add_scalar(f"final/{key}/{label}", scores[key], step)
+        if "confusion_matrix" in ev:
+            table = format_confusion_matrix(ev["confusion_matrix"], ev["labels"])
+            writer.add_text("confusion_matrix", "    " + table.replace("\n", "\n    "), step)
+
+
+def summary_line(result: dict, run_dir: Path) -> str:
+    ev = result.get("eval") or {}
+    parts = [f"done: step {result['steps']}"]
+    if result.get("train_loss") is not None:
+        parts.append(f"train loss {result['train_loss']:.4f}")
+    for key in ("loss", "perplexity", "accuracy", "macro_f1"):
+        if key in ev:
+            parts.append(f"eval {key} {ev[key]:.4f}")
+    if "confusion_matrix" in ev:
+        parts.append("\n" + format_confusion_matrix(ev["confusion_matrix"], ev["labels"]) + "\n")
+    parts.append(f"run dir {run_dir}")
+    return "  ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, dbg = parse_config(FinetuneConfig, argv, prog=f"python -m {__package__}.finetune")
+    if dbg.debug:
+        cfg = apply_debug_profile(cfg)
+    from .debug import NonFiniteError
+
+    try:
+        run(cfg, dbg)
+    except ConfigError as err:
+        fail(str(err), code=2)
+    except (NonFiniteLossError, NonFiniteError) as err:
+        fail(str(err), code=1)
+    except KeyboardInterrupt:
+        print("interrupted: the latest checkpoint is intact (resume with --train.resume auto)", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Sample text: ``python -m <package>.generate --prompt "ROMEO."`` [--adapter runs/finetune-sft/adapter].
+
+One path for every model: the model is a transformers directory (default ``runs/pretrain/hf``, what ``pretrain``
+exports; a fine-tune's merged ``hf/``; any local causal LM) or a run directory holding one, loaded with
+``AutoModelForCausalLM``; ``--adapter`` puts a LoRA adapter from ``finetune`` on top (peft), and transformers'
+``generate`` samples. With an SFT adapter the prompt is rendered with the same chat / plain template as in training
+(``--chat`` forces it on or off); the template's end-of-turn token stops generation.
+
+    python -m <package>.generate --prompt "ROMEO." --temperature 0.8 --top_k 50
+    python -m <package>.generate --adapter runs/finetune-sft/adapter --prompt "Who speaks these lines? ..."
+    python -m <package>.generate --debug --prompt "ROMEO."      # reads the --debug pretrain run
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ConfigError, DebugConfig, GenerateConfig, fail, parse_config
+from .data import sft as sft_data
+from .finetune import generate_ids, pretrain_export_dir
+from .lora import load_adapter, load_model
+from .train.distributed import resolve_device
+
+
+def resolve_model(cfg: GenerateConfig, debug: bool) -> str:
+    """``--debug`` reads the debug pretrain run when the model is left at its default."""
+    if debug and cfg.model == str(pretrain_export_dir(debug=False)):
+        export = pretrain_export_dir(debug=True)
+        if not (export / "config.json").is_file():
+            raise ConfigError(f"{export} not found: run `python -m {__package__}.pretrain --debug` first")
+        return str(export)
+    if cfg.model == str(pretrain_export_dir(debug=False)) and not Path(cfg.model).is_dir():
+        raise ConfigError(
+            f"{cfg.model} not found: run pretrain first (python -m {__package__}.pretrain --config "
+            "configs/pretrain.yaml) or pass --model DIR"
+        )
+    return cfg.model
+
+
+def adapter_task(adapter_dir: str | Path) -> str | None:
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.is_file():
+        raise ConfigError(f"adapter not found: {adapter_dir} has no adapter_config.json")
+    return json.loads(path.read_text(encoding="utf-8")).get("task_type")
+
+
+def load_for_generation(cfg: GenerateConfig, debug: bool = False) -> tuple[Any, Any]:
+    """(model in eval mode on its device, tokenizer); the adapter's saved tokenizer wins when there is one."""
+    model_path = resolve_model(cfg, debug)
+    if cfg.adapter is not None and adapter_task(cfg.adapter) == "SEQ_CLS":
+        raise ConfigError(f"{cfg.adapter} is a classification adapter: generate needs an SFT (causal LM) adapter")
+    model, tokenizer = load_model(model_path, "sft", trust_remote_code=cfg.trust_remote_code)
+    if cfg.adapter is not None:
+        model = load_adapter(model, cfg.adapter)
+        if (Path(cfg.adapter) / "tokenizer_config.json").is_file():
+            from .data.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(cfg.adapter, trust_remote_code=cfg.trust_remote_code)
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    return model.to(device).eval(), tokenizer
+
+
+def run(cfg: GenerateConfig, dbg: DebugConfig | None = None) -> str:
+    """Generate one completion of ``cfg.prompt``; prints and returns the prompt + completion."""
+    dbg = dbg or DebugConfig()
+    from .debug import start_debugger
+
+    start_debugger(dbg)
+    model, tokenizer = load_for_generation(cfg, dbg.debug)
+    chat = cfg.chat if cfg.chat is not None else cfg.adapter is not None
+    if chat:
+        ids = sft_data.prompt_ids(cfg.prompt, tokenizer)
+        stop = sft_data.stop_token_ids(tokenizer)
+    else:
+        ids = tokenizer(cfg.prompt)["input_ids"]
+        stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if not ids:
+        raise ConfigError("the prompt is empty")
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([ids], device=device)
+    torch.manual_seed(cfg.seed)
+    with torch.no_grad():
+        out = generate_ids(model, input_ids, tokenizer, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, stop)
+    completion = tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
+    text = cfg.prompt + ("\n" if chat else "") + completion
+    print(text, flush=True)
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, dbg = parse_config(GenerateConfig, argv, prog=f"python -m {__package__}.generate")
+    try:
+        run(cfg, dbg)
+    except ConfigError as err:
+        fail(str(err), code=2)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""finetune: both tasks end to end on a tiny model (loss falls, outputs, metrics), resume, merge, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from {{ cookiecutter.package }} import finetune
+from {{ cookiecutter.package }}.config import (
+    FinetuneConfig,
+    FinetuneDataConfig,
+    GenerateConfig,
+    LoraSettings,
+    OptimConfig,
+    SampleConfig,
+    TrainConfig,
+    parse_config,
+)
+from {{ cookiecutter.package }}.lora import load_adapter
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SFT_PAIRS = [("Colour of the sky?", "blue"), ("Colour of grass?", "green"), ("Colour of snow?", "white"),
+             ("Colour of blood?", "red")]  # fmt: skip
+
+
+@pytest.fixture
+def sft_file(tmp_path):
+    path = tmp_path / "sft.jsonl"
+    lines = [json.dumps({"prompt": p, "response": r}) for p, r in SFT_PAIRS * 8]
+    lines.append(json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "red"}]}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def classify_file(tmp_path):
+    # The label is decided by the last word, which the classifier pools (the last non-padding token).
+    path = tmp_path / "cls.csv"
+    rows = [(f"the {w} story ends in {end}", label) for w in ("old", "new", "sad", "odd", "long", "short")
+            for end, label in (("love", "comedy"), ("war", "history"), ("death", "tragedy"))]  # fmt: skip
+    path.write_text("text,label\n" + "".join(f"{t},{lab}\n" for t, lab in rows * 2))
+    return path
+
+
+def _cfg(task, base, data_path, out_dir, **overrides) -> FinetuneConfig:
+    train = dict(max_steps=12, batch_size=8, log_every=1, eval_every=0, save_every=0, keep_checkpoints=0, seed=0,
+                 device="cpu", precision="fp32", tensorboard=False)  # fmt: skip
+    train.update(overrides.pop("train", {}))
+    return FinetuneConfig(
+        task=task,
+        base_model=str(base),
+        name=overrides.pop("name", task),
+        out_dir=str(out_dir),
+        lora=LoraSettings(r=8, alpha=16, dropout=0.0, target_modules=["all-linear"]),
+        data=FinetuneDataConfig(path=str(data_path), val_fraction=0.2, max_seq_len=64, **overrides.pop("data", {})),
+        optim=OptimConfig(lr=1e-2, min_lr=1e-3, warmup_steps=0, weight_decay=0.0),
+        train=TrainConfig(**train),
+        sample=SampleConfig(prompts=["Colour of the sky?"], max_new_tokens=4),
+        **overrides,
+    )
+
+
+def _losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_sft_loss_falls_and_outputs_are_written(tmp_path, ft_hf_dir, sft_file, packing):
+    cfg = _cfg("sft", ft_hf_dir, sft_file, tmp_path / "runs", data={"packing": packing})
+    result = finetune.run(cfg)
+    run_dir = tmp_path / "runs" / "sft"
+    losses = _losses(run_dir)
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < losses[0] - 0.5
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json"):
+        assert (run_dir / "adapter" / name).is_file(), name
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(result))
+    assert metrics["eval"]["perplexity"] == pytest.approx(2.718281828 ** metrics["eval"]["loss"], rel=1e-6)
+    assert metrics["eval"]["tokens"] > 0 and metrics["trainable_params"] < metrics["total_params"] / 2
+    assert (run_dir / "config.yaml").is_file()
+
+
+def test_classify_loss_falls_with_label_map_and_metrics(tmp_path, ft_hf_dir, classify_file):
+    cfg = _cfg("classify", ft_hf_dir, classify_file, tmp_path / "runs", class_weights=True)
+    finetune.run(cfg)
+    run_dir = tmp_path / "runs" / "classify"
+    losses = _losses(run_dir)
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.3
+    assert json.loads((run_dir / "label_map.json").read_text()) == {"labels": ["comedy", "history", "tragedy"]}
+    assert (run_dir / "adapter" / "label_map.json").is_file()
+    ev = json.loads((run_dir / "metrics.json").read_text())["eval"]
+    assert set(ev) >= {"accuracy", "macro_precision", "macro_recall", "macro_f1", "per_class", "confusion_matrix"}
+    assert sum(map(sum, ev["confusion_matrix"])) == ev["num_examples"] == 7  # 20% of 36
+    adapter_cfg = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["task_type"] == "SEQ_CLS" and "score" in adapter_cfg["modules_to_save"]
+
+
+def test_resume_restores_adapter_and_optimizer_exactly(tmp_path, ft_hf_dir, sft_file):
+    full = _cfg("sft", ft_hf_dir, sft_file, tmp_path / "runs", name="full", train={"max_steps": 4, "save_every": 2})
+    finetune.run(full)
+    # A copy of the run that was "killed" after step 2: only the step-2 checkpoint is left.
+    shutil.copytree(tmp_path / "runs" / "full", tmp_path / "runs" / "cut")
+    ckpts = tmp_path / "runs" / "cut" / "checkpoints"
+    shutil.rmtree(ckpts / "step-000004")
+    (ckpts / "latest").write_text("step-000002\n")
+    cut = _cfg("sft", ft_hf_dir, sft_file, tmp_path / "runs", name="cut", train={"max_steps": 4, "resume": "auto"})
+    finetune.run(cut)
+
+    assert _losses(tmp_path / "runs" / "cut") == pytest.approx(_losses(tmp_path / "runs" / "full"), abs=1e-6)
+    a = load_file(tmp_path / "runs" / "full" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "runs" / "cut" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # One set of adapters: wrapping twice would have produced nested base_model.model.base_model... names.
+    assert all(k.count("base_model") == 1 for k in b)
+
+
+def test_merge_writes_a_standalone_model_equal_to_base_plus_adapter(tmp_path, ft_hf_dir, sft_file):
+    cfg = _cfg("sft", ft_hf_dir, sft_file, tmp_path / "runs", merge=True, train={"max_steps": 3})
+    finetune.run(cfg)
+    run_dir = tmp_path / "runs" / "sft"
+    merged = AutoModelForCausalLM.from_pretrained(run_dir / "hf").eval()
+    adapted = load_adapter(AutoModelForCausalLM.from_pretrained(ft_hf_dir), run_dir / "adapter").eval()
+    x = torch.randint(0, 300, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, adapted(input_ids=x).logits, atol=1e-5, rtol=1e-5)
+
+
+def _expect_exit(capsys, argv, match):
+    with pytest.raises(SystemExit) as exc:
+        finetune.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert match in err, err
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, ft_hf_dir, monkeypatch):
+    base = ["--base_model", str(ft_hf_dir), "--out_dir", str(tmp_path / "runs"), "--train.device", "cpu"]
+    (tmp_path / "nolabel.csv").write_text("text,category\nhello,a\n")
+    _expect_exit(capsys, [*base, "--task", "classify", "--data.path", str(tmp_path / "nolabel.csv")],
+                 "missing column(s) ['label']")  # fmt: skip
+    (tmp_path / "empty.jsonl").write_text("")
+    _expect_exit(capsys, [*base, "--data.path", str(tmp_path / "empty.jsonl")], "no examples")
+    (tmp_path / "train.csv").write_text("text,label\na,x\nb,y\n")
+    (tmp_path / "val.csv").write_text("text,label\nc,z\n")
+    argv = ["--task", "classify", "--data.path", str(tmp_path / "train.csv")]
+    _expect_exit(capsys, [*base, *argv, "--data.val_path", str(tmp_path / "val.csv")], "unknown label 'z'")
+    _expect_exit(capsys, [*base, "--base_model", str(tmp_path / "no" / "model")], "model path does not exist")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _expect_exit(capsys, [*base, "--lora.qlora", "true"], "needs a CUDA GPU")
+    assert not (tmp_path / "runs").exists()  # every refusal happened before anything was written
+
+
+def test_missing_default_model_without_debug_says_run_pretrain(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _expect_exit(capsys, ["--train.device", "cpu"], "run pretrain first")
+
+
+@pytest.mark.slow
+def test_cli_debug_builds_a_tiny_model_then_generate_uses_the_adapter(tmp_path, subprocess_env, package_name):
+    cmd = [sys.executable, "-m", f"{package_name}.finetune", "--debug", "--train.max_steps", "3"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run_dir = next(p for p in (tmp_path / "runs").rglob("adapter_config.json") if "checkpoints" not in str(p)).parent
+    assert "building a tiny random one" in done.stdout
+    gen = [sys.executable, "-m", f"{package_name}.generate", "--model", str(run_dir.parent / "base")]
+    gen += ["--adapter", str(run_dir), "--prompt", "Who speaks?", "--max_new_tokens", "5", "--device", "cpu"]
+    out = subprocess.run(gen, cwd=tmp_path, env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("Who speaks?")
+
+
+@pytest.mark.parametrize("task", ["sft", "classify"])
+def test_shipped_finetune_configs_parse(task):
+    cfg, dbg = parse_config(FinetuneConfig, ["--config", str(CONFIGS / f"finetune-{task}.yaml")])
+    assert cfg.task == task and cfg.name == f"finetune-{task}" and not dbg.debug
+    assert cfg.base_model == "runs/pretrain/hf" and not cfg.lora.qlora
+    cli, _ = parse_config(FinetuneConfig, ["--task", task, "--lora.target_modules", "[all-linear]", "--lora.r", "4"])
+    assert cli.name == f"finetune-{task}" and cli.lora.target_modules == ["all-linear"] and cli.lora.r == 4
+    assert parse_config(FinetuneConfig, [])[0].lora.target_modules is None  # per-architecture default
+    gen, _ = parse_config(GenerateConfig, ["--prompt", "Hi", "--chat", "true", "--temperature", "0"])
+    assert gen.chat is True and gen.adapter is None
