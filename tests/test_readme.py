@@ -62,7 +62,8 @@ def test_generated_demo_pipeline_runs_offline(tmp_path: Path) -> None:
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
-    runs = project / "runs" / "debug"
-    assert (runs / "pretrain" / "hf" / "config.json").is_file()
-    assert (runs / "finetune-sft" / "adapter" / "adapter_config.json").is_file()
-    assert (runs / "finetune-classify" / "adapter" / "adapter_config.json").is_file()
+    runs = project / "runs"
+    assert (runs / "pretrain-debug" / "hf" / "config.json").is_file()
+    assert (runs / "finetune-sft-debug" / "adapter" / "adapter_config.json").is_file()
+    assert (runs / "finetune-classify-debug" / "adapter" / "adapter_config.json").is_file()
+    assert (runs / "finetune-classify-debug" / "metrics.json").is_file()

@@ -74,7 +74,8 @@ def classification_metrics(
     ``labels[i]`` names class id ``i``. Returns::
 
         {"accuracy": float, "macro_precision": float, "macro_recall": float, "macro_f1": float,
-         "per_class": {label: {"precision", "recall", "f1", "support"}}, "confusion_matrix": [[int]], "labels": [...],
+         "per_class": {label: {"precision": ..., "recall": ..., "f1": ..., "support": int} },
+         "confusion_matrix": [[int, ...], ...], "labels": [...],
          "num_examples": int}
     """
     k = len(labels)
