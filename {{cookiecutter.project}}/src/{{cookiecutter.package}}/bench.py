@@ -1,0 +1,376 @@
+"""Measured training throughput: our LlamaLM against transformers' LlamaForCausalLM on the same shapes.
+
+    python -m <pkg>.bench pretrain --layers 4 --dim 256 --seq-len 128 --batch-size 16 --vocab-size 8000
+    python -m <pkg>.bench lora --rank 8    # LoRA fine-tune step: ours (train_step + peft) vs transformers + peft
+
+Prints one JSON object per line: one per model (tokens/s, step time median and spread, MFU, final loss), then the
+ratio. Method, so the figures can be trusted:
+- both models start from the same weights (ours copied into the HF model) and train on the same batches with the
+  same optimizer (`train.optim.build_optimizer`) through the same `train.step.train_step`, so the final losses should
+  agree closely, which checks that the two compute the same thing;
+- runs alternate A B A B (`--repeats` rounds of `--steps` timed steps each), so a background load hits both;
+- the first `--warmup` steps of every model are not timed (allocator and kernel warm-up);
+- figures are medians over all timed steps, with min / max and the inter-quartile range.
+
+MFU = achieved FLOPs / peak FLOPs. Peak comes from the table of known CUDA GPUs in `train.flops` (dense bf16, no
+sparsity) for bf16 runs, otherwise from timing a large matmul on this device in the run's dtype ("measured": an
+achievable peak, so MFU reads higher than against a datasheet). FLOPs per token: `LlamaLM.flops_per_token` for both
+models (same architecture, same count).
+
+More benchmarks slot in as subcommands: write `bench_<name>(args) -> list[dict]`, add a subparser in `build_parser`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .config import ModelConfig, OptimConfig
+from .model.hf import hf_config_dict, to_hf_key
+from .model.lm import LlamaLM
+from .train.flops import lookup_peak_flops, measure_peak_flops
+from .train.optim import build_optimizer
+from .train.step import train_step
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Shared helpers (every subcommand uses these)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """(peak FLOP/s, where it came from). The shared table (train.flops) lists dense bf16 tensor-core peaks, so it is
+    used for bf16 runs on known GPUs; fp32 and everything else is measured (a large matmul in that dtype)."""
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        known = lookup_peak_flops(torch.cuda.get_device_name(device))
+        if known is not None:
+            return known, "table"
+    return measure_peak_flops(device, dtype, size=2048), "measured_matmul"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def summarize(seconds: list[float]) -> dict[str, float]:
+    """Median and spread of per-step times, in milliseconds."""
+    ms = sorted(s * 1e3 for s in seconds)
+    q = statistics.quantiles(ms, n=4) if len(ms) >= 2 else [ms[0]] * 3
+    return {
+        "step_ms_median": round(statistics.median(ms), 3),
+        "step_ms_min": round(ms[0], 3),
+        "step_ms_max": round(ms[-1], 3),
+        "step_ms_q1": round(q[0], 3),
+        "step_ms_q3": round(q[2], 3),
+        "timed_steps": len(ms),
+    }
+
+
+def time_alternating(
+    runners: dict[str, Callable[[], None]], *, steps: int, warmup: int, repeats: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Run every runner `warmup` times untimed, then `repeats` rounds of `steps` timed calls each, alternating
+    runners round by round (A B A B ...). Returns the per-call seconds of each runner."""
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            for _ in range(steps):
+                _sync(device)
+                t0 = time.perf_counter()
+                run()
+                _sync(device)
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def autocast_for(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """A reusable autocast context (train_step enters it every micro-batch); nullcontext for fp32."""
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    available = getattr(torch.amp, "is_autocast_available", lambda _: True)(device.type)
+    if not available:
+        print(f"bench: no autocast on {device.type}; running fp32", file=sys.stderr)
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def random_batches(vocab_size: int, batch_size: int, seq_len: int, n: int, device: torch.device, seed: int = 0):
+    """`n` fixed batches of random tokens (labels = inputs, shifted inside the models), reused round-robin."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=g).to(device)
+        batches.append({"input_ids": ids, "labels": ids})
+    return batches
+
+
+class Trainer:
+    """One model + its optimizer + a batch cycle; calling it runs one `train_step`."""
+
+    def __init__(self, model: nn.Module, batches: list[dict], autocast: contextlib.AbstractContextManager):
+        self.model = model
+        self.optimizer = build_optimizer(model, OptimConfig(warmup_steps=0))
+        self.batches: Iterator[dict] = _cycle(batches)
+        self.autocast = autocast
+        self.step = 0
+        self.loss = float("nan")
+
+    def __call__(self) -> None:
+        result = train_step(
+            self.model,
+            [next(self.batches)],
+            self.optimizer,
+            None,
+            grad_clip=1.0,
+            autocast=self.autocast,
+            step=self.step,
+        )
+        self.step += 1
+        self.loss = result.loss
+
+
+def _cycle(items: list) -> Iterator:
+    while True:
+        yield from items
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# pretrain: ours vs transformers' LlamaForCausalLM
+
+
+def hf_twin(model: LlamaLM) -> nn.Module:
+    """transformers' LlamaForCausalLM with the same config and the same weights as `model` (SDPA attention)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf = LlamaForCausalLM(LlamaConfig(**hf_config_dict(model.config), attn_implementation="sdpa"))
+    state = {to_hf_key(k): v for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight")
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"weight copy into LlamaForCausalLM failed: missing {missing}, unexpected {unexpected}")
+    return hf.to(next(model.parameters()).device)
+
+
+def bench_pretrain(args: argparse.Namespace) -> list[dict]:
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    config = ModelConfig(
+        vocab_size=args.vocab_size,
+        dim=args.dim,
+        n_layers=args.layers,
+        n_heads=args.heads,
+        n_kv_heads=args.kv_heads,
+        max_seq_len=args.seq_len,
+        tie_embeddings=not args.untied,
+    )
+    ours = LlamaLM(config).to(device)
+    initial = copy.deepcopy(ours) if args.dtype != "fp32" else None  # for the fp32 reference run
+    baseline = hf_twin(ours)
+    batches = random_batches(config.vocab_size, args.batch_size, args.seq_len, 4, device, args.seed)
+    autocast = autocast_for(device, args.dtype)
+    runners = {"ours": Trainer(ours, batches, autocast), "transformers": Trainer(baseline, batches, autocast)}
+
+    times = time_alternating(runners, steps=args.steps, warmup=args.warmup, repeats=args.repeats, device=device)
+
+    tokens_per_step = args.batch_size * args.seq_len
+    flops_per_token = ours.flops_per_token(args.seq_len)
+    peak, peak_source = peak_flops(device, torch.float32 if args.dtype == "fp32" else torch.bfloat16)
+    shape = {"layers": args.layers, "dim": args.dim, "heads": args.heads, "kv_heads": args.kv_heads}
+    shape |= {"vocab_size": args.vocab_size, "seq_len": args.seq_len, "batch_size": args.batch_size}
+    common = {"bench": "pretrain", "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads()}
+    rows = []
+    for name, trainer in runners.items():
+        stats = summarize(times[name])
+        tok_s = tokens_per_step / (stats["step_ms_median"] / 1e3)
+        rows.append(
+            common
+            | {"model": name, "tokens_per_s": round(tok_s, 1)}
+            | {"tokens_per_s_min": round(tokens_per_step / (stats["step_ms_max"] / 1e3), 1)}
+            | {"tokens_per_s_max": round(tokens_per_step / (stats["step_ms_min"] / 1e3), 1)}
+            | {"mfu": round(tok_s * flops_per_token / peak, 4), "loss": round(trainer.loss, 5)}
+            | {"steps_trained": trainer.step}
+            | stats
+        )
+    ratio = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
+    summary = common | {"model": "ratio", "ours_over_transformers": round(ratio, 3)}
+    summary |= {"loss_abs_diff": round(abs(rows[0]["loss"] - rows[1]["loss"]), 6), "peak_flops": peak}
+    summary |= {"peak_source": peak_source, "flops_per_token": flops_per_token, "params": ours.num_params(False)}
+    summary |= shape
+    if initial is not None:
+        # Same start, same batches, same number of steps, no autocast: how far the bf16 run's loss is from fp32's.
+        reference = Trainer(initial, batches, contextlib.nullcontext())
+        for _ in range(runners["ours"].step):
+            reference()
+        summary |= {"loss_bf16": round(runners["ours"].loss, 5), "loss_fp32": round(reference.loss, 5)}
+    rows.append(summary)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# lora: our fine-tune step (train_step on a peft-wrapped LlamaLM) vs a plain transformers + peft loop
+
+
+class PlainLoop:
+    """The baseline: forward, loss.backward(), optimizer.step(), zero_grad() -- nothing else."""
+
+    def __init__(self, model: nn.Module, batches: list[dict], autocast: contextlib.AbstractContextManager, lr: float):
+        self.model = model
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+        self.batches: Iterator[dict] = _cycle(batches)
+        self.autocast = autocast
+        self.step = 0
+        self._loss = torch.tensor(float("nan"))
+
+    def __call__(self) -> None:
+        self.model.train()
+        with self.autocast:
+            loss = self.model(**next(self.batches)).loss
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self._loss = loss.detach()
+
+    @property
+    def loss(self) -> float:
+        return float(self._loss)
+
+
+def bench_lora(args: argparse.Namespace) -> list[dict]:
+    from peft import LoraConfig, get_peft_model
+
+    from .config import LoraSettings
+    from .lora import apply_lora, count_parameters
+
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    config = ModelConfig(
+        vocab_size=args.vocab_size,
+        dim=args.dim,
+        n_layers=args.layers,
+        n_heads=args.heads,
+        n_kv_heads=args.kv_heads,
+        max_seq_len=args.seq_len,
+    )
+    base = LlamaLM(config).to(device)
+    baseline = hf_twin(base)  # same base weights, before peft rewrites our module in place
+    targets = ["q_proj", "v_proj"]
+    ours = apply_lora(base, LoraSettings(r=args.rank, alpha=2 * args.rank, dropout=0.0, target_modules=targets), None)
+    theirs = get_peft_model(
+        baseline, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=targets)
+    )
+    # Same LoRA start (A is random): copy ours into theirs, key "layers.0..." -> "model.layers.0...".
+    lora_state = {
+        "base_model.model." + to_hf_key(k.removeprefix("base_model.model.")): v
+        for k, v in ours.state_dict().items()
+        if "lora_" in k
+    }
+    result = theirs.load_state_dict(lora_state, strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(f"LoRA weight copy failed: unexpected {result.unexpected_keys[:3]}")
+
+    batches = random_batches(config.vocab_size, args.batch_size, args.seq_len, 4, device, args.seed)
+    autocast = autocast_for(device, args.dtype)
+    optim = OptimConfig(warmup_steps=0)
+    runners = {
+        "ours": Trainer(ours, batches, autocast),
+        "transformers+peft": PlainLoop(theirs, batches, autocast, lr=optim.lr),
+    }
+    times = time_alternating(runners, steps=args.steps, warmup=args.warmup, repeats=args.repeats, device=device)
+
+    tokens_per_step = args.batch_size * args.seq_len
+    common = {"bench": "lora", "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads()}
+    rows = []
+    for name, runner in runners.items():
+        stats = summarize(times[name])
+        rows.append(
+            common
+            | {"model": name, "tokens_per_s": round(tokens_per_step / (stats["step_ms_median"] / 1e3), 1)}
+            | {"tokens_per_s_min": round(tokens_per_step / (stats["step_ms_max"] / 1e3), 1)}
+            | {"tokens_per_s_max": round(tokens_per_step / (stats["step_ms_min"] / 1e3), 1)}
+            | {"trainable_params": count_parameters(runner.model)[0], "loss": round(runner.loss, 5)}
+            | {"steps_trained": runner.step}
+            | stats
+        )
+    summary = common | {
+        "model": "ratio",
+        "ours_over_transformers": round(rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"], 3),
+    }
+    summary |= {"loss_abs_diff": round(abs(rows[0]["loss"] - rows[1]["loss"]), 6), "rank": args.rank}
+    summary |= {"target_modules": targets, "layers": args.layers, "dim": args.dim, "seq_len": args.seq_len}
+    summary |= {"batch_size": args.batch_size, "vocab_size": args.vocab_size}
+    rows.append(summary)
+    return rows
+
+
+def _add_lora_parser(sub) -> None:
+    p = sub.add_parser("lora", help="LoRA fine-tune tokens/s: our train_step on peft+LlamaLM vs transformers+peft loop")
+    p.add_argument("--layers", type=int, default=4, help="(default: %(default)s)")
+    p.add_argument("--heads", type=int, default=8, help="(default: %(default)s)")
+    p.add_argument("--kv-heads", type=int, default=4, help="(default: %(default)s)")
+    p.add_argument("--dim", type=int, default=256, help="(default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=128, help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
+    p.add_argument("--vocab-size", type=int, default=8000, help="(default: %(default)s)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank r on q_proj, v_proj (default: %(default)s)")
+    _add_common(p)
+    p.set_defaults(func=bench_lora)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=5, help="timed steps per round (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per model first (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="alternating rounds A B A B (default: %(default)s)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast (default: %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pretrain", help="training tokens/s and MFU: ours vs transformers' LlamaForCausalLM")
+    p.add_argument("--layers", type=int, default=4, help="(default: %(default)s)")
+    p.add_argument("--heads", type=int, default=8, help="(default: %(default)s)")
+    p.add_argument("--kv-heads", type=int, default=4, help="(default: %(default)s)")
+    p.add_argument("--dim", type=int, default=256, help="(default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=128, help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
+    p.add_argument("--vocab-size", type=int, default=8000, help="(default: %(default)s)")
+    p.add_argument("--untied", action="store_true", help="separate lm_head instead of tied embeddings")
+    _add_common(p)
+    p.set_defaults(func=bench_pretrain)
+    _add_lora_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    for row in args.func(args):
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

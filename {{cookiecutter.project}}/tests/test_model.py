@@ -1,0 +1,278 @@
+"""Blocks, the small encoder models and LlamaLM: loss, gradients, padding invariance, KV cache, generation, LoRA."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from {{ cookiecutter.package }}.config import ModelConfig
+from {{ cookiecutter.package }}.model.lm import LlamaLM, cross_entropy
+from {{ cookiecutter.package }}.model.transformer import (
+    EncoderClassifier,
+    EncoderDecoder,
+    RMSNorm,
+    TransformerEncoder,
+    swiglu_hidden_dim,
+)
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def tiny(**overrides) -> ModelConfig:
+    base = dict(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32, multiple_of=16)
+    return ModelConfig(**(base | overrides))
+
+
+def tiny_lm(seed: int = 0, **overrides) -> LlamaLM:
+    torch.manual_seed(seed)
+    return LlamaLM(tiny(**overrides))
+
+
+# ------------------------------------------------------------------------------------------------- blocks
+
+
+def test_rmsnorm_formula():
+    norm = RMSNorm(8, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, 8))
+    x = torch.randn(3, 8)
+    expected = norm.weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+    torch.testing.assert_close(norm(x), expected, **TOL)
+
+
+def test_swiglu_width_follows_llama():
+    assert swiglu_hidden_dim(256, 64) == 704  # 8/3 * 256 = 682.7, rounded up to a multiple of 64
+    assert swiglu_hidden_dim(256, 64, hidden_dim=100) == 100
+
+
+# ------------------------------------------------------------------------------------------------- encoders
+
+
+def test_encoder_padding_invariance():
+    torch.manual_seed(0)
+    enc = TransformerEncoder(tiny()).eval()
+    ids = torch.randint(1, 61, (1, 5))
+    padded = torch.cat((ids, torch.zeros(1, 3, dtype=torch.long)), dim=1)
+    mask = torch.tensor([[1] * 5 + [0] * 3])
+    torch.testing.assert_close(enc(padded, mask)[:, :5], enc(ids), **TOL)
+    other_pad = torch.cat((ids, torch.full((1, 3), 7)), dim=1)  # what the padding holds does not matter
+    torch.testing.assert_close(enc(other_pad, mask)[:, :5], enc(ids), **TOL)
+
+
+def test_classifier_pools_real_tokens_only_and_learns():
+    torch.manual_seed(0)
+    model = EncoderClassifier(tiny(), num_labels=3)
+    ids = torch.randint(1, 61, (4, 6))
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[0, 4:] = 0
+    model.eval()
+    out = model(ids, mask)
+    assert out.logits.shape == (4, 3) and out.loss is None
+    torch.testing.assert_close(model(ids[:1, :4]).logits, out.logits[:1], **TOL)
+
+    labels = torch.tensor([0, 1, 2, 1])
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = model(ids, mask, labels=labels).loss
+    for _ in range(15):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first.item()
+
+
+def test_encoder_decoder_shapes_and_loss_falls():
+    torch.manual_seed(0)
+    model = EncoderDecoder(tiny())
+    src = torch.randint(1, 61, (4, 7))
+    src_mask = torch.ones(4, 7, dtype=torch.long)
+    src_mask[1, 5:] = 0
+    labels = src[:, :5].flip(1).clone()  # toy task: reverse the first five tokens
+    labels[2, 4] = -100
+    out = model(src, src_mask, labels=labels)
+    assert out.logits.shape == (4, 5, 61)
+    assert abs(out.loss.item() - math.log(61)) < 1.0  # starts near uniform
+
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = out.loss.item()
+    for _ in range(20):
+        loss = model(input_ids=src, attention_mask=src_mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+    # decoder is causal: decoder position 0 does not depend on later decoder inputs
+    model.eval()
+    dec = model.shift_right(labels)
+    dec2 = dec.clone()
+    dec2[:, -1] = 3
+    a = model(src, src_mask, decoder_input_ids=dec).logits
+    b = model(src, src_mask, decoder_input_ids=dec2).logits
+    torch.testing.assert_close(a[:, :-1], b[:, :-1], **TOL)
+
+
+# ------------------------------------------------------------------------------------------------- LlamaLM
+
+
+def test_loss_is_shifted_cross_entropy():
+    model = tiny_lm()
+    ids = torch.randint(0, 61, (2, 9))
+    labels = ids.clone()
+    labels[0, :3] = -100  # e.g. a prompt
+    out = model(ids, labels=labels)
+    manual = F.cross_entropy(out.logits[:, :-1].reshape(-1, 61), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, manual, **TOL)
+    assert out.logits.shape == (2, 9, 61)
+
+
+def test_cross_entropy_gradient_matches_torch_even_for_huge_losses():
+    logits = torch.randn(6, 11) * 3
+    logits[2, 4] = -200.0  # target probability underflows to 0 in fp32
+    logits[2, 0] = 200.0
+    targets = torch.tensor([1, 2, 4, -100, 0, 10])
+    a = logits.clone().requires_grad_()
+    b = logits.clone().requires_grad_()
+    loss_ours = cross_entropy(a, targets)
+    loss_torch = F.cross_entropy(b, targets, ignore_index=-100)
+    torch.testing.assert_close(loss_ours, loss_torch, **TOL)
+    (2 * loss_ours).backward()
+    (2 * loss_torch).backward()
+    torch.testing.assert_close(a.grad, b.grad, **TOL)
+    assert torch.isnan(cross_entropy(logits, torch.full((6,), -100)))  # nothing labelled: nan, like torch
+
+
+def test_cross_entropy_refuses_second_backward():
+    logits = torch.randn(3, 5, requires_grad=True)
+    loss = cross_entropy(logits, torch.tensor([0, 1, 2]))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+
+
+def test_gradients_reach_every_parameter():
+    model = tiny_lm()
+    ids = torch.randint(0, 61, (2, 8))
+    model(ids, labels=ids).loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_init_and_tying():
+    model = tiny_lm(dim=128, n_heads=4, n_kv_heads=4, n_layers=8, init_std=0.02)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    assert abs(model.layers[0].mlp.gate_proj.weight.std().item() - 0.02) < 0.002
+    residual = 0.02 / math.sqrt(2 * 8)
+    assert abs(model.layers[3].self_attn.o_proj.weight.std().item() - residual) < 0.1 * residual
+    assert abs(model.layers[3].mlp.down_proj.weight.std().item() - residual) < 0.1 * residual
+    assert torch.all(model.norm.weight == 1)
+    untied = tiny_lm(tie_embeddings=False)
+    assert untied.lm_head.weight is not untied.embed_tokens.weight
+
+
+def test_num_params_and_flops():
+    model = tiny_lm()  # dim 32, hidden 96 (8/3*32 = 85 -> 96), 2 layers, kv width 16, vocab 61, tied
+    per_layer = 32 * 32 + 2 * (32 * 16) + 32 * 32 + 3 * (32 * 96) + 2 * 32
+    total = 61 * 32 + 2 * per_layer + 32
+    assert model.num_params(non_embedding=False) == total
+    assert model.num_params() == total  # tied: the table is also the output layer, so it stays
+    assert model.flops_per_token(16) == 6 * total + 12 * 2 * 4 * 8 * 16
+    untied = tiny_lm(tie_embeddings=False)
+    assert untied.num_params() == untied.num_params(non_embedding=False) - 61 * 32
+
+
+def test_left_padding_with_position_ids_matches_unpadded():
+    model = tiny_lm().eval()
+    ids = torch.randint(1, 61, (1, 5))
+    padded = torch.cat((torch.zeros(1, 3, dtype=torch.long), ids), dim=1)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]])
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(padded, attention_mask=mask, position_ids=position_ids).logits
+    torch.testing.assert_close(out[:, 3:], model(ids).logits, **TOL)
+
+
+def test_right_padding_does_not_change_real_tokens():
+    model = tiny_lm().eval()
+    ids = torch.randint(1, 61, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    out = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(out[1, :4], model(ids[1:, :4]).logits[0], **TOL)
+    torch.testing.assert_close(out[0], model(ids[:1]).logits[0], **TOL)
+
+
+def test_kv_cache_forward_matches_full_forward():
+    model = tiny_lm().eval()
+    ids = torch.randint(0, 61, (2, 9))
+    full = model(ids).logits
+    first = model(ids[:, :6], use_cache=True)
+    assert first.past_key_values.seq_len() == 6
+    rest = model(ids[:, 6:], past_key_values=first.past_key_values, use_cache=True)
+    torch.testing.assert_close(torch.cat((first.logits, rest.logits), dim=1), full, **TOL)
+
+
+def test_generate_cached_equals_uncached_greedy():
+    model = tiny_lm(seed=3)
+    model.train()
+    prompt = torch.randint(0, 61, (2, 4))
+    cached = model.generate(prompt, max_new_tokens=12, temperature=0)
+    uncached = model.generate(prompt, max_new_tokens=12, temperature=0, use_cache=False)
+    assert cached.shape == (2, 16)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached[:, :4], prompt)
+    assert model.training  # generate restores the mode it found
+    # top_k=1 and a tiny top_p are greedy too
+    assert torch.equal(model.generate(prompt, 12, temperature=1.0, top_k=1), cached)
+    assert torch.equal(model.generate(prompt, 12, temperature=1.0, top_p=1e-6), cached)
+
+
+def test_generate_sampling_is_reproducible_and_stops_at_eos():
+    model = tiny_lm(seed=1)
+    prompt = torch.randint(0, 61, (3, 2))
+    a = model.generate(prompt, 10, temperature=1.0, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    b = model.generate(prompt, 10, temperature=1.0, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+    greedy = model.generate(prompt, 10, temperature=0)
+    eos = int(greedy[0, 4])  # the third generated token of row 0 becomes EOS
+    stopped = model.generate(prompt, 10, temperature=0, eos_token_id=eos)
+    assert stopped.shape[1] <= greedy.shape[1]
+    first_eos = (stopped[0, 2:] == eos).nonzero()[0].item() + 2
+    assert torch.all(stopped[0, first_eos:] == eos)  # finished rows keep emitting EOS
+    assert torch.equal(stopped[0, : first_eos + 1], greedy[0, : first_eos + 1])
+
+
+def test_bf16_autocast_forward_backward():
+    model = tiny_lm()
+    ids = torch.randint(0, 61, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.layers[0].self_attn.q_proj.weight.grad.dtype == torch.float32
+
+
+def test_dropout_only_in_training():
+    model = tiny_lm(dropout=0.5)
+    ids = torch.randint(0, 61, (1, 6))
+    model.eval()
+    torch.testing.assert_close(model(ids).logits, model(ids).logits)
+    model.train()
+    assert not torch.allclose(model(ids).logits, model(ids).logits)
+
+
+def test_peft_lora_wraps_our_model():
+    peft = pytest.importorskip("peft")
+    model = tiny_lm()
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert sum(("q_proj" in n) for n in trainable) == 2 * 2  # A and B in each of 2 layers
+    ids = torch.randint(0, 61, (2, 8))
+    out = lora(input_ids=ids, labels=ids)  # HF-style keywords
+    torch.testing.assert_close(out.loss, model(ids, labels=ids).loss)  # B starts at zero: same function
+    out.loss.backward()
+    grads = [p.grad for n, p in lora.named_parameters() if "lora_A" in n or "lora_B" in n]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert model.embed_tokens.weight.grad is None  # base weights frozen
