@@ -7,6 +7,7 @@ Heavy dependencies (torch, transformers, peft, ...) are installed once in the en
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -34,6 +35,16 @@ COMBINATIONS: dict[str, dict[str, str]] = {
         "base_model": "/models/local llama",
     },
 }
+
+
+def answers(**overrides: str) -> dict[str, str]:
+    """The answers of ``--no-input``: each choice's first value, ``package`` derived, then ``overrides``."""
+    raw = json.loads((TEMPLATE / "cookiecutter.json").read_text())
+    context = {k: (v[0] if isinstance(v, list) else v) for k, v in raw.items() if not k.startswith("_")}
+    context.update(overrides)
+    if "package" not in overrides:
+        context["package"] = context["project"].lower().replace("-", "_").replace(".", "_")
+    return context
 
 
 def bake(output_dir: Path, **context: str) -> Path:

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import COMBINATIONS, TEMPLATE, bake
+from conftest import answers as default_answers
+from ide_configs import strip_jsonc
 
 CHOICE_VARIABLES = {
     name: values for name, values in json.loads((TEMPLATE / "cookiecutter.json").read_text()).items()
@@ -64,12 +66,7 @@ def pristine_projects(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
 
 
 def answers(name: str) -> dict[str, str]:
-    defaults = json.loads((TEMPLATE / "cookiecutter.json").read_text())
-    merged = {key: (value[0] if isinstance(value, list) else value) for key, value in defaults.items() if not key.startswith("_")}
-    merged.update(COMBINATIONS[name])
-    if "package" not in COMBINATIONS[name]:
-        merged["package"] = merged["project"].lower().replace("-", "_").replace(".", "_")
-    return merged
+    return default_answers(**COMBINATIONS[name])
 
 
 def files_of(root: Path) -> set[str]:
@@ -147,34 +144,6 @@ def test_no_unrendered_jinja(name: str, pristine_projects: dict[str, Path]) -> N
     assert not leftovers, "unrendered Jinja:\n" + "\n".join(leftovers)
 
 
-def strip_jsonc_comments(text: str) -> str:
-    """Remove // and /* */ comments outside strings; trailing commas stay an error, as the JSONC schema says."""
-    out, i, in_string = [], 0, False
-    while i < len(text):
-        char = text[i]
-        if in_string:
-            out.append(char)
-            if char == "\\":
-                out.append(text[i + 1])
-                i += 1
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-            out.append(char)
-        elif text.startswith("//", i):
-            i = text.find("\n", i)
-            i = len(text) if i < 0 else i
-            continue
-        elif text.startswith("/*", i):
-            i = text.index("*/", i) + 2
-            continue
-        else:
-            out.append(char)
-        i += 1
-    return "".join(out)
-
-
 @pytest.mark.parametrize("name", COMBINATIONS)
 def test_every_file_parses(name: str, pristine_projects: dict[str, Path]) -> None:
     project = pristine_projects[name]
@@ -188,7 +157,7 @@ def test_every_file_parses(name: str, pristine_projects: dict[str, Path]) -> Non
         elif suffix == ".toml":
             tomllib.loads(text)
         elif suffix == ".json" and relative.startswith((".vscode/", ".devcontainer/")):
-            json.loads(strip_jsonc_comments(text))
+            json.loads(strip_jsonc(text))
         elif suffix == ".json":
             json.loads(text)
         elif suffix == ".jsonl":

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TEMPLATE
+from conftest import TEMPLATE, answers
 
 REJECTIONS = {
     "underscore project": ({"project": "my_llm"}, "project 'my_llm' is not a kebab-case name"),
@@ -92,10 +92,7 @@ def render_hook(name: str, context: dict) -> str:
 
 
 def default_context() -> dict:
-    raw = json.loads((TEMPLATE / "cookiecutter.json").read_text())
-    context = {k: (v[0] if isinstance(v, list) else v) for k, v in raw.items() if not k.startswith("_")}
-    context["package"] = "llm_lab"
-    return context
+    return answers()
 
 
 @pytest.mark.parametrize(("variable", "value"), [("ide", "emacs"), ("python_version", "3.9"), ("devcontainer", "y")])

@@ -38,7 +38,7 @@ ENTRY_POINTS = {
     "Pretrain (debug profile)": (".pretrain", ["--config", "configs/pretrain.yaml", "--debug"]),
     "Fine-tune SFT": (".finetune", ["--config", "configs/finetune-sft.yaml"]),
     "Fine-tune classify": (".finetune", ["--config", "configs/finetune-classify.yaml"]),
-    "Generate": (".generate", ["--prompt", "ROMEO."]),
+    "Generate": (".generate", ["--prompt", "MACBETH."]),
     "Tests (pytest)": ("pytest", ["tests"]),
     "TensorBoard": ("tensorboard.main", ["--logdir", "runs", "--port", "6006"]),
 }

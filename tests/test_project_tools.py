@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import project_env, run
 
-LINTED = ["defaults", "py310-cuda12", "custom-names", "vscode-only"]
+LINTED = ["defaults", "py310-cuda12", "custom-names", "vscode-only", "no-container-no-license"]
 
 
 @pytest.mark.parametrize("name", LINTED)

@@ -17,12 +17,12 @@ def _cfg(model, **kw) -> GenerateConfig:
 
 
 def test_greedy_output_matches_our_llamalm_generate(ft_hf_dir, ft_tokenizer, capsys):
-    text = generate.run(_cfg(ft_hf_dir, prompt="ROMEO."))
+    text = generate.run(_cfg(ft_hf_dir, prompt="MACBETH."))
     assert capsys.readouterr().out.strip() == text.strip()
     ours = import_hf(ft_hf_dir).eval()
-    ids = torch.tensor([ft_tokenizer("ROMEO.")["input_ids"]])
+    ids = torch.tensor([ft_tokenizer("MACBETH.")["input_ids"]])
     out = ours.generate(ids, max_new_tokens=8, temperature=0.0, eos_token_id=ft_tokenizer.eos_token_id)
-    assert text == "ROMEO." + ft_tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    assert text == "MACBETH." + ft_tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def _adapter(tmp_path, ft_hf_dir, task="sft"):

@@ -236,7 +236,7 @@ class GenerateConfig:
     adapter: str | None = None  # optional LoRA adapter directory (finetune's run_dir/adapter) applied on `model`
     chat: bool | None = None  # format the prompt as in SFT (chat template / plain template); None = when an adapter
     # trained by SFT is given
-    prompt: str = "ROMEO.\n"
+    prompt: str = "MACBETH.\n"
     max_new_tokens: int = 128
     temperature: float = 0.8
     top_k: int | None = 50
@@ -274,7 +274,9 @@ C = TypeVar("C")
 _DEBUG_HELP = {
     "debug": "debug profile: tiny model, few steps, num_workers=0, deterministic + fixed seed, no compile, no AMP, "
     "anomaly detection, eval every step",
-    "debugpy": "start a debugpy server on [HOST:]PORT (default host 127.0.0.1; port 0 = a free port)",
+    "debugpy": "start a debugpy server on [HOST:]PORT (default host 127.0.0.1; port 0 = a free port, printed). "
+    "0.0.0.0 lets anyone who reaches the port run code: use it only in a container whose port is forwarded to "
+    "localhost",
     "wait_for_client": "with --debugpy: block until the IDE attaches",
     "debugpy_all_ranks": "under torchrun every rank listens on PORT + RANK (--no-debugpy-all-ranks: rank 0 only)",
     "pycharm_debug": "connect to PyCharm's Python Debug Server at HOST:PORT (pip install pydevd-pycharm)",

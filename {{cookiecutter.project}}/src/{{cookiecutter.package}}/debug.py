@@ -31,11 +31,6 @@ if TYPE_CHECKING:
     from .config import DebugConfig
 
 DEFAULT_HOST = "127.0.0.1"
-DEBUGPY_HELP = (
-    "[HOST:]PORT: listen for a debugpy client (VS Code 'Attach'); host defaults to 127.0.0.1, port 0 picks a free "
-    "one (printed). 0.0.0.0 lets anyone who reaches the port execute code: use it only in a container whose port "
-    "is forwarded to localhost."
-)
 INJECT_NAN_ENV = f"{__name__.split('.')[0].upper()}_INJECT_NAN_AT"
 
 

@@ -1,4 +1,4 @@
-"""Sample text: ``python -m <package>.generate --prompt "ROMEO."`` [--adapter runs/finetune-sft/adapter].
+"""Sample text: ``python -m <package>.generate --prompt "MACBETH."`` [--adapter runs/finetune-sft/adapter].
 
 One path for every model: the model is a transformers directory (default ``runs/pretrain/hf``, what ``pretrain``
 exports; a fine-tune's merged ``hf/``; any local causal LM) or a run directory holding one, loaded with
@@ -6,9 +6,9 @@ exports; a fine-tune's merged ``hf/``; any local causal LM) or a run directory h
 ``generate`` samples. With an SFT adapter the prompt is rendered with the same chat / plain template as in training
 (``--chat`` forces it on or off); the template's end-of-turn token stops generation.
 
-    python -m <package>.generate --prompt "ROMEO." --temperature 0.8 --top_k 50
+    python -m <package>.generate --prompt "MACBETH." --temperature 0.8 --top_k 50
     python -m <package>.generate --adapter runs/finetune-sft/adapter --prompt "Who speaks these lines? ..."
-    python -m <package>.generate --debug --prompt "ROMEO."      # reads the --debug pretrain run
+    python -m <package>.generate --debug --prompt "MACBETH."      # reads the --debug pretrain run
 """
 
 from __future__ import annotations
