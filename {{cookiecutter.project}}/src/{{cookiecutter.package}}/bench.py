@@ -163,11 +163,11 @@ def hf_twin(model: LlamaLM) -> nn.Module:
     return hf.to(next(model.parameters()).device)
 
 
-def bench_pretrain(args: argparse.Namespace) -> list[dict]:
+def setup(args: argparse.Namespace) -> tuple[torch.device, ModelConfig]:
+    """Seed, thread count, device and the model shape every subcommand reads from its flags."""
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     config = ModelConfig(
         vocab_size=args.vocab_size,
         dim=args.dim,
@@ -175,8 +175,13 @@ def bench_pretrain(args: argparse.Namespace) -> list[dict]:
         n_heads=args.heads,
         n_kv_heads=args.kv_heads,
         max_seq_len=args.seq_len,
-        tie_embeddings=not args.untied,
+        tie_embeddings=not getattr(args, "untied", False),
     )
+    return torch.device(args.device), config
+
+
+def bench_pretrain(args: argparse.Namespace) -> list[dict]:
+    device, config = setup(args)
     ours = LlamaLM(config).to(device)
     initial = copy.deepcopy(ours) if args.dtype != "fp32" else None  # for the fp32 reference run
     baseline = hf_twin(ours)
@@ -257,18 +262,7 @@ def bench_lora(args: argparse.Namespace) -> list[dict]:
     from .config import LoraSettings
     from .lora import apply_lora, count_parameters
 
-    torch.manual_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    config = ModelConfig(
-        vocab_size=args.vocab_size,
-        dim=args.dim,
-        n_layers=args.layers,
-        n_heads=args.heads,
-        n_kv_heads=args.kv_heads,
-        max_seq_len=args.seq_len,
-    )
+    device, config = setup(args)
     base = LlamaLM(config).to(device)
     baseline = hf_twin(base)  # same base weights, before peft rewrites our module in place
     targets = ["q_proj", "v_proj"]
