@@ -188,3 +188,21 @@ def test_shipped_finetune_configs_parse(task):
     assert parse_config(FinetuneConfig, [])[0].lora.target_modules is None  # per-architecture default
     gen, _ = parse_config(GenerateConfig, ["--prompt", "Hi", "--chat", "true", "--temperature", "0"])
     assert gen.chat is True and gen.adapter is None
+
+
+def test_attached_debugger_trains_without_workers(tmp_path, ft_hf_dir, sft_file, monkeypatch, capsys):
+    from {{ cookiecutter.package }} import debug
+
+    monkeypatch.setattr(debug, "debugger_attached", lambda: True)
+    seen = []
+
+    class Recording(finetune.sft_data.ExampleBatches):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs["num_workers"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(finetune.sft_data, "ExampleBatches", Recording)
+    cfg = _cfg("sft", ft_hf_dir, sft_file, tmp_path / "runs", data={"num_workers": 2}, train={"max_steps": 1})
+    finetune.run(cfg)
+    assert seen == [0]
+    assert "debugger attached: num_workers 2 -> 0" in capsys.readouterr().err

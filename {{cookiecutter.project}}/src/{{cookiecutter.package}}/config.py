@@ -191,6 +191,8 @@ class FinetuneDataConfig:
     text_key: str = "text"
     label_key: str = "label"
     packing: bool = False  # SFT only: concatenate short examples into full windows
+    # DataLoader processes that collate training batches ahead of the step (tokenization is done up front, so 0 is
+    # usually enough); forced to 0 when a debugger is attached, as breakpoints would not stop in the workers.
     num_workers: int = 0
 
     def __post_init__(self) -> None:

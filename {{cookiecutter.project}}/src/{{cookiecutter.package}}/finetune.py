@@ -300,7 +300,7 @@ def run(cfg: FinetuneConfig, dbg: DebugConfig | None = None) -> dict:
     check_qlora(cfg.lora, device)  # before anything is read or loaded
     info = init_distributed(cfg.train.device)
     try:
-        from .debug import start_debugger
+        from .debug import effective_num_workers, start_debugger
 
         start_debugger(dbg, info.rank)
         run_dir = Path(cfg.out_dir) / cfg.name
@@ -350,7 +350,11 @@ def run(cfg: FinetuneConfig, dbg: DebugConfig | None = None) -> dict:
         def evaluate(m: nn.Module) -> dict[str, float]:  # every train.eval_every steps, on train.eval_batches
             return scalar_metrics(evaluate_fn(m, data, bs, info.device, cfg.train.eval_batches))
 
-        source = sft_data.ExampleBatches(data.train, bs, data.collate_train, seed=cfg.train.seed + info.rank)
+        # An attached debugger would not stop in worker processes: effective_num_workers drops them to 0 with a notice.
+        workers = effective_num_workers(cfg.data.num_workers)
+        source = sft_data.ExampleBatches(
+            data.train, bs, data.collate_train, seed=cfg.train.seed + info.rank, num_workers=workers
+        )
         history = fit(
             model,
             source,

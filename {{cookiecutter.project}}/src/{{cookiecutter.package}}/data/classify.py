@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 from collections import Counter
 from collections.abc import Sequence
@@ -145,20 +146,21 @@ def class_weights(examples: Sequence[dict[str, Any]], num_classes: int) -> Tenso
     return torch.tensor([n / (num_classes * counts[c]) if counts[c] else 0.0 for c in range(num_classes)])
 
 
-def classify_collate(pad_id: int):
+def classify_batch(examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Tensor]:
     """Right padding: input_ids / attention_mask [B, T] and labels [B] (class ids)."""
+    T = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), T), dtype=torch.long)
+    for b, e in enumerate(examples):
+        input_ids[b, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+        attention_mask[b, : len(e["input_ids"])] = 1
+    labels = torch.tensor([e["label"] for e in examples], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
-    def collate(examples: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
-        T = max(len(e["input_ids"]) for e in examples)
-        input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(examples), T), dtype=torch.long)
-        for b, e in enumerate(examples):
-            input_ids[b, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
-            attention_mask[b, : len(e["input_ids"])] = 1
-        labels = torch.tensor([e["label"] for e in examples], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
-    return collate
+def classify_collate(pad_id: int):
+    """:func:`classify_batch` with the pad id bound; a partial (not a closure) so DataLoader workers can unpickle it."""
+    return functools.partial(classify_batch, pad_id=pad_id)
 
 
 def split_rows(
