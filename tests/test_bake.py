@@ -36,6 +36,7 @@ ALWAYS = {
 PACKAGE_MODULES = [
     "__init__.py",
     "config.py",
+    "cli.py",
     "debug.py",
     "metrics.py",
     "pretrain.py",

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .cli import run_cli
 from .config import (
     ConfigError,
     DebugConfig,
@@ -41,8 +41,6 @@ from .config import (
     PretrainConfig,
     apply_debug_profile,
     config_to_yaml,
-    fail,
-    parse_config,
     save_config,
 )
 from .data import classify as cls_data
@@ -51,7 +49,6 @@ from .lora import apply_lora, check_qlora, count_parameters, load_model, merge_a
 from .metrics import TokenLossMeter, classification_metrics, format_confusion_matrix, perplexity
 from .train.distributed import barrier, init_distributed, resolve_device, teardown, unwrap, wrap_ddp
 from .train.loop import fit, resolve_start, setup_runtime, to_device
-from .train.step import NonFiniteLossError
 
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "hf"
@@ -444,20 +441,7 @@ def summary_line(result: dict, run_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, dbg = parse_config(FinetuneConfig, argv, prog=f"python -m {__package__}.finetune")
-    if dbg.debug:
-        cfg = apply_debug_profile(cfg)
-    from .debug import NonFiniteError
-
-    try:
-        run(cfg, dbg)
-    except ConfigError as err:
-        fail(str(err), code=2)
-    except (NonFiniteLossError, NonFiniteError) as err:
-        fail(str(err), code=1)
-    except KeyboardInterrupt:
-        print("interrupted: the latest checkpoint is intact (resume with --train.resume auto)", file=sys.stderr)
-        raise SystemExit(130) from None
+    run_cli(FinetuneConfig, run, argv, prog=f"python -m {__package__}.finetune")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError, DebugConfig, GenerateConfig, fail, parse_config
+from .cli import run_cli
+from .config import ConfigError, DebugConfig, GenerateConfig
 from .data import sft as sft_data
 from .finetune import generate_ids, pretrain_export_dir
 from .lora import load_adapter, load_model
@@ -96,13 +97,7 @@ def run(cfg: GenerateConfig, dbg: DebugConfig | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, dbg = parse_config(GenerateConfig, argv, prog=f"python -m {__package__}.generate")
-    try:
-        run(cfg, dbg)
-    except ConfigError as err:
-        fail(str(err), code=2)
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
+    run_cli(GenerateConfig, run, argv, prog=f"python -m {__package__}.generate", debug_profile=False, interrupted=None)
 
 
 if __name__ == "__main__":

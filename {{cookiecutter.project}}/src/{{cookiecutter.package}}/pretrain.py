@@ -15,26 +15,22 @@ Exit codes: 0 done, 2 bad input (config, data path, vocab size, existing run), 1
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .cli import run_cli
 from .config import (
     ConfigError,
     DebugConfig,
     PretrainConfig,
     SampleConfig,
-    apply_debug_profile,
     config_to_yaml,
-    fail,
-    parse_config,
     save_config,
 )
 from .train.distributed import barrier, init_distributed, teardown, unwrap, wrap_ddp
 from .train.loop import evaluate_loss, fit, resolve_start, setup_runtime
-from .train.step import NonFiniteLossError
 
 
 def make_sampler(tokenizer: Any, cfg: SampleConfig, device: torch.device, seed: int):
@@ -153,22 +149,7 @@ def run(cfg: PretrainConfig, dbg: DebugConfig | None = None) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, dbg = parse_config(PretrainConfig, argv, prog=f"python -m {__package__}.pretrain")
-    if dbg.debug:
-        cfg = apply_debug_profile(cfg)
-    from .debug import NonFiniteError
-
-    try:
-        run(cfg, dbg)
-    except ConfigError as err:
-        fail(str(err), code=2)
-    except (NonFiniteLossError, NonFiniteError) as err:
-        fail(str(err), code=1)
-    except KeyboardInterrupt:
-        print(
-            "interrupted: the latest published checkpoint is intact (resume with --train.resume auto)", file=sys.stderr
-        )
-        raise SystemExit(130) from None
+    run_cli(PretrainConfig, run, argv, prog=f"python -m {__package__}.pretrain")
 
 
 if __name__ == "__main__":

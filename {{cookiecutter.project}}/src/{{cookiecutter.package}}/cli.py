@@ -1,0 +1,38 @@
+"""What every entry point's ``main()`` does: parse the config, apply ``--debug``, run, and turn failures into one
+line on stderr and an exit code (2 bad input, 1 non-finite values, 130 interrupted) instead of a traceback."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from .config import ConfigError, DebugConfig, apply_debug_profile, fail, parse_config
+from .debug import NonFiniteError
+from .train.step import NonFiniteLossError
+
+RESUME_HINT = "interrupted: the latest published checkpoint is intact (resume with --train.resume auto)"
+
+
+def run_cli(
+    config_cls: type,
+    run: Callable[[Any, DebugConfig], Any],
+    argv: list[str] | None,
+    *,
+    prog: str,
+    debug_profile: bool = True,
+    interrupted: str | None = RESUME_HINT,
+) -> None:
+    cfg, dbg = parse_config(config_cls, argv, prog=prog)
+    if dbg.debug and debug_profile:
+        cfg = apply_debug_profile(cfg)
+    try:
+        run(cfg, dbg)
+    except ConfigError as err:
+        fail(str(err), code=2)
+    except (NonFiniteLossError, NonFiniteError) as err:
+        fail(str(err), code=1)
+    except KeyboardInterrupt:
+        if interrupted:
+            print(interrupted, file=sys.stderr)
+        raise SystemExit(130) from None
