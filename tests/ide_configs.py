@@ -239,3 +239,14 @@ def pycharm_command(cfg: PyCharmConfig, project: Path, python: str = sys.executa
         argv = [*interpreter, "-m", "pytest", target, *extra, *(["-k", keywords] if keywords else [])]
         return Command(cfg.name, argv, cwd, env)
     raise ValueError(f"{cfg.name}: {cfg.type} is not a command PyCharm runs")
+
+
+# Dependency order of the entry-point configurations: fine-tuning and generation read what pre-training wrote.
+RUN_ORDER = [
+    "Pretrain (debug profile)",
+    "Pretrain",
+    "Fine-tune SFT",
+    "Fine-tune classify",
+    "Generate",
+    "Tests (pytest)",
+]

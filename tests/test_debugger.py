@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import DEFAULT_PACKAGE, DEFAULT_PROJECT, bake
 from dap import DAPClient, kill_group
-from ide_configs import base_env, launch_configs, pycharm_configs, with_vscode_defaults
+from ide_configs import RUN_ORDER, base_env, launch_configs, pycharm_configs, with_vscode_defaults
 from pydevd_ide import PydevdIDE
 from test_ide_files import fast_args
 
@@ -118,15 +118,6 @@ class Program:
 
 # --------------------------------------------------------------------------------------------- launch.json
 
-# Dependency order: pre-training writes the model that generation reads.
-LAUNCH_ORDER = [
-    "Pretrain (debug profile)",
-    "Pretrain",
-    "Fine-tune SFT",
-    "Fine-tune classify",
-    "Generate",
-    "Tests (pytest)",
-]
 TRAINING = {"Pretrain (debug profile)", "Pretrain", "Fine-tune SFT", "Fine-tune classify"}
 NOT_LAUNCHABLE_HERE = {
     "Debug test (Testing view)": "its program is ${file}: VS Code's Testing view fills it in",
@@ -141,7 +132,7 @@ def launch_config(project: Path, name: str) -> dict:
 def test_every_launch_configuration_is_covered(project):
     names = {c["name"] for c in launch_configs(project)}
     attach = {c["name"] for c in launch_configs(project) if c["request"] == "attach"}
-    assert names == set(LAUNCH_ORDER) | set(NOT_LAUNCHABLE_HERE) | attach
+    assert names == set(RUN_ORDER) | set(NOT_LAUNCHABLE_HERE) | attach
     assert attach == {"Attach to container (debugpy :5678)", "Attach to local process (debugpy :5678)"}
 
 
@@ -161,7 +152,7 @@ def run_launch(project: Path, config: dict, breakpoints: dict[str, list[int]], e
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", LAUNCH_ORDER)
+@pytest.mark.parametrize("name", RUN_ORDER)
 def test_launch_configuration(project, name):
     config = launch_config(project, name)
     argv = ["-m", config["module"], *config["args"]]

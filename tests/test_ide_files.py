@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import COMBINATIONS, DEFAULT_PACKAGE, DEFAULT_PROJECT, bake
 from ide_configs import (
+    RUN_ORDER,
     Command,
     base_env,
     iml_path,
@@ -375,17 +376,6 @@ def serve_tensorboard(command: Command, timeout: float = 90) -> None:
         kill_group(proc.pid)
         proc.wait(timeout=10)
         proc.stderr.close()
-
-
-# Dependency order: fine-tuning and generation read what pre-training wrote.
-RUN_ORDER = [
-    "Pretrain (debug profile)",
-    "Pretrain",
-    "Fine-tune SFT",
-    "Fine-tune classify",
-    "Generate",
-    "Tests (pytest)",
-]
 
 
 @pytest.mark.slow

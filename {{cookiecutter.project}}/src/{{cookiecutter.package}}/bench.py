@@ -316,13 +316,7 @@ def bench_lora(args: argparse.Namespace) -> list[dict]:
 
 def _add_lora_parser(sub) -> None:
     p = sub.add_parser("lora", help="LoRA fine-tune tokens/s: our train_step on peft+LlamaLM vs transformers+peft loop")
-    p.add_argument("--layers", type=int, default=4, help="(default: %(default)s)")
-    p.add_argument("--heads", type=int, default=8, help="(default: %(default)s)")
-    p.add_argument("--kv-heads", type=int, default=4, help="(default: %(default)s)")
-    p.add_argument("--dim", type=int, default=256, help="(default: %(default)s)")
-    p.add_argument("--seq-len", type=int, default=128, help="(default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
-    p.add_argument("--vocab-size", type=int, default=8000, help="(default: %(default)s)")
+    _add_shape(p)
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r on q_proj, v_proj (default: %(default)s)")
     _add_common(p)
     p.set_defaults(func=bench_lora)
@@ -330,6 +324,17 @@ def _add_lora_parser(sub) -> None:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # CLI
+
+
+def _add_shape(p: argparse.ArgumentParser) -> None:
+    """The model and batch shape that :func:`setup` reads, shared by every subcommand."""
+    p.add_argument("--layers", type=int, default=4, help="(default: %(default)s)")
+    p.add_argument("--heads", type=int, default=8, help="(default: %(default)s)")
+    p.add_argument("--kv-heads", type=int, default=4, help="(default: %(default)s)")
+    p.add_argument("--dim", type=int, default=256, help="(default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=128, help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
+    p.add_argument("--vocab-size", type=int, default=8000, help="(default: %(default)s)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -346,13 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pretrain", help="training tokens/s and MFU: ours vs transformers' LlamaForCausalLM")
-    p.add_argument("--layers", type=int, default=4, help="(default: %(default)s)")
-    p.add_argument("--heads", type=int, default=8, help="(default: %(default)s)")
-    p.add_argument("--kv-heads", type=int, default=4, help="(default: %(default)s)")
-    p.add_argument("--dim", type=int, default=256, help="(default: %(default)s)")
-    p.add_argument("--seq-len", type=int, default=128, help="(default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
-    p.add_argument("--vocab-size", type=int, default=8000, help="(default: %(default)s)")
+    _add_shape(p)
     p.add_argument("--untied", action="store_true", help="separate lm_head instead of tied embeddings")
     _add_common(p)
     p.set_defaults(func=bench_pretrain)
