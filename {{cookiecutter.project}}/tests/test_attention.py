@@ -14,7 +14,7 @@ from {{ cookiecutter.package }}.model.attention import (
     build_attention_mask,
     reference_attention,
     repeat_kv,
-    rotate_half,
+    rotate_pairs,
 )
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -123,12 +123,34 @@ def test_rotary_matches_transformers_llama():
     q_hf, k_hf = apply_rotary_pos_emb(q, k, cos_hf, sin_hf)
     torch.testing.assert_close(apply_rotary(q, cos, sin), q_hf, **TOL)
     torch.testing.assert_close(apply_rotary(k, cos, sin), k_hf, **TOL)
+    torch.testing.assert_close(rotate_pairs(q, cos[:, None], sin[:, None]), q_hf, **TOL)  # written out: the same
+
+
+def test_rotary_uses_no_concatenation():
+    rope = RotaryEmbedding(8, max_seq_len=4)
+    cos, sin = rope.span(0, 4)
+    seen = []
+
+    def record(func, types, args=(), kwargs=None):
+        seen.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+    from torch.overrides import TorchFunctionMode
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return record(func, types, args, kwargs)
+
+    with Record():
+        apply_rotary(torch.randn(1, 2, 4, 8), cos, sin)
+    assert seen and not {"cat", "concat", "concatenate", "chunk", "neg"} & set(seen), seen
 
 
 def test_rotary_is_a_relative_rotation():
     rope = RotaryEmbedding(8, max_seq_len=32)
     q, k = torch.randn(8), torch.randn(8)
-    torch.testing.assert_close(rotate_half(rotate_half(q)), -q)  # i * i = -1
+    c90, s90 = torch.zeros(8), torch.cat((-torch.ones(4), torch.ones(4)))  # a quarter turn: multiply by i
+    torch.testing.assert_close(apply_rotary(apply_rotary(q, c90, s90), c90, s90), -q)  # i * i = -1
 
     def score(m, n):
         cm, sm = rope(torch.tensor([m]))

@@ -1,8 +1,10 @@
 """The pretrain benchmark runs end to end on a tiny shape and prints well-formed, positive figures."""
 
+import functools
 import json
 
 import pytest
+import torch
 
 from {{ cookiecutter.package }} import bench
 
@@ -31,7 +33,10 @@ def test_pretrain_bench_fp32(capsys):
     assert [r["model"] for r in rows] == ["ours", "transformers", "ratio"]
     for row in rows[:2]:
         assert row["bench"] == "pretrain" and row["dtype"] == "fp32"
-        assert row["tokens_per_s"] > 0 and row["mfu"] > 0
+        assert row["tokens_per_s"] > 0 and row["preset"] == "tiny" and row["compile"] is False
+        # MFU to 4 significant digits, not 4 decimals: a tiny fp32 model on a GPU reads ~1e-5, which must not be 0
+        expected = row["tokens_per_s"] * rows[2]["flops_per_token"] / rows[2]["peak_flops"]
+        assert row["mfu"] == pytest.approx(expected, rel=1e-3) and row["mfu"] > 0
         assert row["step_ms_min"] <= row["step_ms_q1"] <= row["step_ms_median"] <= row["step_ms_q3"]
         assert row["step_ms_median"] <= row["step_ms_max"]
         assert row["tokens_per_s_min"] <= row["tokens_per_s"] <= row["tokens_per_s_max"]
@@ -50,6 +55,51 @@ def test_pretrain_bench_bf16_reports_fp32_loss(capsys):
     assert ratio["dtype"] == "bf16"
     assert ratio["loss_bf16"] > 0 and ratio["loss_fp32"] > 0
     assert abs(ratio["loss_bf16"] - ratio["loss_fp32"]) < 0.1
+
+
+def test_significant_keeps_small_figures():
+    assert bench.significant(0.000012345678) == pytest.approx(1.235e-5)
+    assert bench.significant(0.41234567) == 0.4123
+
+
+def test_presets_fill_only_the_flags_not_given():
+    args = bench.build_parser().parse_args(["pretrain", "--preset", "gpt2-small", "--batch-size", "2"])
+    bench.apply_preset(args)
+    assert (args.layers, args.dim, args.heads, args.kv_heads) == (12, 768, 12, 12)
+    assert (args.seq_len, args.vocab_size, args.batch_size) == (1024, 50304, 2)
+    tiny = bench.apply_preset(bench.build_parser().parse_args(["lora"]))
+    assert (tiny.layers, tiny.dim, tiny.seq_len, tiny.batch_size) == (4, 256, 128, 16)
+
+
+def test_compile_flag_compiles_both_models(capsys, monkeypatch):
+    # aot_eager traces forward and backward like inductor without generating code: the same path, in seconds
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    rows = run(capsys, "--compile")
+    assert all(r["compile"] is True for r in rows)
+    assert rows[2]["loss_abs_diff"] < 1e-3  # compiled, both still train identically
+    bench.main(["lora", *TINY, "--compile", "--steps", "1", "--warmup", "1", "--repeats", "1"])
+    lora = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert [r["compile"] for r in lora] == [True, True, True] and lora[2]["loss_abs_diff"] < 1e-3
+
+
+def test_gpu_check_refuses_without_cuda_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["gpu-check", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error: gpu-check needs a CUDA GPU")
+
+
+def test_gpu_check_table_lists_every_model_run():
+    row = {"tokens_per_s": 123456.0, "mfu": 0.4123, "step_ms_median": 50.0, "step_ms_min": 49.0, "step_ms_max": 51.5}
+    rows = [
+        row | {"model": "ours", "compile": False, "peak_step_mem_mib": 2048.0},
+        row | {"model": "transformers", "compile": True},
+        {"model": "ratio", "ours_over_transformers": 1.0},
+    ]
+    lines = bench.format_table(rows).splitlines()
+    assert len(lines) == 4 and "tokens/s" in lines[0] and "MFU" in lines[0] and "peak step MiB" in lines[0]
+    assert lines[2].split()[:5] == ["ours", "no", "123,456", "41.2%", "2048"]
+    assert lines[3].split()[:5] == ["transformers", "yes", "123,456", "41.2%", "-"]
 
 
 def test_summarize_spread():

@@ -35,12 +35,31 @@ def test_frozen_parameters_are_left_out(tiny_model):
         param_groups(tiny_model, 0.1)
 
 
-def test_cpu_uses_foreach_and_config_values(tiny_model):
+def test_fused_by_default_on_cpu_with_config_values(tiny_model):
     opt = build_optimizer(tiny_model, OptimConfig(lr=1e-3, betas=(0.8, 0.9), eps=1e-7, weight_decay=0.05))
     assert isinstance(opt, torch.optim.AdamW)
     group = opt.param_groups[0]
-    assert group["foreach"] is True and not group["fused"]
+    assert group["fused"] is True and not group["foreach"]
+    assert getattr(opt, "_step_supports_amp_scaling", False)  # takes found_inf: train_step skips on the device
     assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (1e-3, (0.8, 0.9), 1e-7, 0.05)
+    opt = build_optimizer(tiny_model, OptimConfig(fused=False))
+    assert opt.param_groups[0]["foreach"] is True and not opt.param_groups[0]["fused"]
+
+
+def test_foreach_with_a_notice_where_torch_has_no_fused_kernel(tiny_model, monkeypatch, capsys):
+    real = torch.optim.AdamW
+
+    def no_fused(params, **kwargs):
+        if kwargs.get("fused"):
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return real(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", no_fused)
+    opt = build_optimizer(tiny_model, OptimConfig())
+    assert opt.param_groups[0]["foreach"] is True
+    assert "no fused AdamW" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="fused=True"):
+        build_optimizer(tiny_model, OptimConfig(fused=True))  # asked for explicitly: no silent fallback
 
 
 @pytest.mark.cuda

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 from types import SimpleNamespace
 
@@ -11,6 +12,8 @@ import pytest
 import torch
 from torch import nn
 
+from {{ cookiecutter.package }}.data.corpus import TokenWindows
+from {{ cookiecutter.package }}.train import loop
 from {{ cookiecutter.package }}.train import step as step_module
 from {{ cookiecutter.package }}.train.step import NonFiniteLossError, StepResult, count_tokens, train_step
 
@@ -35,9 +38,9 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_model):
     for model, micro in ((big, [batch]), (tiny_model, _split(batch, 2))):
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         results.append(train_step(model, micro, opt, None, grad_clip=0.0, autocast=contextlib.nullcontext(), step=0))
-    assert results[0].loss == pytest.approx(results[1].loss, rel=1e-5)
-    assert results[0].grad_norm == pytest.approx(results[1].grad_norm, rel=1e-4)
-    assert results[0].tokens == results[1].tokens == 4 * 16
+    assert float(results[0].loss) == pytest.approx(float(results[1].loss), rel=1e-5)
+    assert float(results[0].grad_norm) == pytest.approx(float(results[1].grad_norm), rel=1e-4)
+    assert float(results[0].tokens) == float(results[1].tokens) == 4 * 16
     for p, q in zip(big.parameters(), tiny_model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
 
@@ -55,7 +58,7 @@ def test_clip_scheduler_and_zero_grad(tiny_model):
     result = train_step(tiny_model, [batch], opt, sched, grad_clip=max_norm, autocast=contextlib.nullcontext(), step=0)
 
     assert isinstance(result, StepResult)
-    assert result.grad_norm == pytest.approx(expected_norm, rel=1e-4)  # reported before clipping
+    assert float(result.grad_norm) == pytest.approx(expected_norm, rel=1e-4)  # reported before clipping
     update = torch.linalg.vector_norm(
         torch.stack([(p - b).norm() for p, b in zip(tiny_model.parameters(), before, strict=True)])
     )
@@ -90,12 +93,81 @@ class _NaNModel(nn.Module):
 
 
 def test_non_finite_loss_stops_before_the_update():
+    # An optimizer without found_inf support: train_step checks on the host and raises before the update.
     model = _NaNModel()
-    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, foreach=True)
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 7"):
         train_step(model, _split(_batch(2), 2), opt, None, grad_clip=1.0, autocast=contextlib.nullcontext(), step=7)
     assert torch.equal(model.w.detach(), torch.ones(3))
     assert not opt.state and model.w.grad is None  # no optimizer step, gradients dropped
+
+
+class _InfGradModel(nn.Module):
+    """A finite loss whose gradient is infinite: d sqrt(w) / dw at w = 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([0.0, 1.0, 4.0]))
+
+    def forward(self, input_ids, labels=None, **kwargs):
+        return SimpleNamespace(loss=self.w.sqrt().sum())
+
+
+@pytest.mark.parametrize(
+    ("model_cls", "message"), [(_NaNModel, r"non-finite loss \(nan\) at step 7"), (_InfGradModel, r"gradient norm \(")]
+)
+def test_fused_adamw_skips_a_non_finite_update_on_the_device(model_cls, message):
+    model = model_cls()
+    before = model.w.detach().clone()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    result = train_step(model, [_batch(2)], opt, None, grad_clip=1.0, autocast=contextlib.nullcontext(), step=7)
+    assert not bool(result.finite)  # returned without raising: nothing was read from the device
+    assert torch.equal(model.w.detach(), before)  # found_inf: the fused kernel left the weights alone
+    state = opt.state[model.w]
+    assert float(state["step"]) == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+    with pytest.raises(NonFiniteLossError, match=message):
+        result.check_finite(7)
+    if model_cls is _InfGradModel:  # away from w = 0 the gradient is finite: the next update goes through
+        with torch.no_grad():
+            model.w.fill_(1.0)
+        result = train_step(model, [_batch(2)], opt, None, grad_clip=1.0, autocast=contextlib.nullcontext(), step=8)
+        assert bool(result.finite) and not torch.equal(model.w.detach(), torch.ones(3))
+
+
+def test_fit_reads_the_device_only_at_logging_steps(
+    tiny_model, tiny_train_config, pattern_tokens, tmp_path, monkeypatch
+):
+    """Ten steps with log_every=10: no tensor is read to the host until the logging step (the device never idles)."""
+    cfg = dataclasses.replace(tiny_train_config, max_steps=10, log_every=10)
+    reads = {"count": 0}
+    for name in ("item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__", "__format__"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, **kwargs):
+            reads["count"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    at_call: list[int] = []
+
+    def counted_step(*args, **kwargs):
+        at_call.append(reads["count"])
+        result = train_step(*args, **kwargs)
+        at_call.append(reads["count"])
+        return result
+
+    monkeypatch.setattr(loop, "train_step", counted_step)
+    # Batches drawn up front: TokenWindows picks its window starts with a CPU generator (.tolist() of a CPU tensor,
+    # never a wait for the GPU), which this counter, blind to devices, would count.
+    windows = TokenWindows(pattern_tokens, cfg.batch_size, 16, seed=0)
+    source = SimpleNamespace(next_batch=iter([windows.next_batch() for _ in range(10)]).__next__, state_dict=dict)
+    history = loop.fit(tiny_model, source, cfg, tmp_path / "run", progress=False)
+
+    assert len(at_call) == 20  # ten calls, counted before and after each
+    assert at_call[-1] - at_call[0] == 0  # steps 1-10, and the loop between them: no read at all
+    assert reads["count"] > at_call[-1]  # the logging step (and the final checkpoint) did read: the counter works
+    assert [r["step"] for r in history] == list(range(1, 11))
+    assert all(isinstance(r["loss"], float) and r["tokens"] == 4 * 16 for r in history)
 
 
 def test_missing_labels_is_a_clear_error(tiny_model):
@@ -126,7 +198,7 @@ def test_bf16_autocast_on_cpu(tiny_model):
         train_step(tiny_model, [_batch(2, seed=0)], opt, None, grad_clip=1.0, autocast=autocast, step=i).loss
         for i in range(3)  # the same autocast object is re-entered every step
     ]
-    assert all(torch.isfinite(torch.tensor(losses)))
+    assert all(torch.isfinite(torch.stack(losses)))
     assert all(p.dtype == torch.float32 for p in tiny_model.parameters())  # master weights stay fp32
 
 
@@ -154,7 +226,7 @@ def test_transformers_and_peft_models():
     hf = LlamaForCausalLM(config)
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-3)
     result = train_step(hf, [_batch(2)], opt, None, grad_clip=1.0, autocast=contextlib.nullcontext(), step=0)
-    assert torch.isfinite(torch.tensor(result.loss)) and result.grad_norm > 0
+    assert torch.isfinite(result.loss) and result.grad_norm > 0
 
     peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     trainable = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}

@@ -1,7 +1,10 @@
 """Measured training throughput: our LlamaLM against transformers' LlamaForCausalLM on the same shapes.
 
-    python -m <pkg>.bench pretrain --layers 4 --dim 256 --seq-len 128 --batch-size 16 --vocab-size 8000
-    python -m <pkg>.bench lora --rank 8    # LoRA fine-tune step: ours (train_step + peft) vs transformers + peft
+    python -m <pkg>.bench pretrain                       # --preset tiny: the default project's shape
+    python -m <pkg>.bench pretrain --preset gpt2-small --dtype bf16 --compile   # on a GPU
+    python -m <pkg>.bench lora --rank 8 [--compile]      # LoRA fine-tune step: ours (train_step + peft) vs
+                                                         # transformers + peft
+    python -m <pkg>.bench gpu-check                      # CUDA only: gpt2-small, bf16, eager and compiled, one table
 
 Prints one JSON object per line: one per model (tokens/s, step time median and spread, MFU, final loss), then the
 ratio. Method, so the figures can be trusted:
@@ -10,7 +13,10 @@ ratio. Method, so the figures can be trusted:
   agree closely, which checks that the two compute the same thing;
 - runs alternate A B A B (`--repeats` rounds of `--steps` timed steps each), so a background load hits both;
 - the first `--warmup` steps of every model are not timed (allocator and kernel warm-up);
-- figures are medians over all timed steps, with min / max and the inter-quartile range.
+- figures are medians over all timed steps, with min / max and the inter-quartile range;
+- `--compile` compiles both models (ours with fullgraph=True); compilation happens in the untimed warm-up steps;
+- on CUDA each model's `peak_step_mem_mib` is the most memory one of its steps allocated on top of what was resident
+  before it (weights and optimizer state of both models), i.e. activations, gradients and temporaries.
 
 MFU = achieved FLOPs / peak FLOPs. Peak comes from the table of known CUDA GPUs in `train.flops` (dense bf16, no
 sparsity) for bf16 runs, otherwise from timing a large matmul on this device in the run's dtype ("measured": an
@@ -60,6 +66,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def significant(x: float, digits: int = 4) -> float:
+    """``x`` to ``digits`` significant digits: an MFU of 0.00002 (fp32 on a GPU, a tiny model) stays above 0."""
+    return float(f"{x:.{digits}g}")
+
+
 def summarize(seconds: list[float]) -> dict[str, float]:
     """Median and spread of per-step times, in milliseconds."""
     ms = sorted(s * 1e3 for s in seconds)
@@ -76,22 +87,30 @@ def summarize(seconds: list[float]) -> dict[str, float]:
 
 def time_alternating(
     runners: dict[str, Callable[[], None]], *, steps: int, warmup: int, repeats: int, device: torch.device
-) -> dict[str, list[float]]:
+) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Run every runner `warmup` times untimed, then `repeats` rounds of `steps` timed calls each, alternating
-    runners round by round (A B A B ...). Returns the per-call seconds of each runner."""
+    runners round by round (A B A B ...). Returns the per-call seconds of each runner, and on CUDA the most memory
+    (MiB) one call allocated on top of what was resident when it started (empty elsewhere)."""
     for run in runners.values():
         for _ in range(warmup):
             run()
     times: dict[str, list[float]] = {name: [] for name in runners}
+    step_mem: dict[str, float] = {}
     for _ in range(repeats):
         for name, run in runners.items():
             for _ in range(steps):
                 _sync(device)
+                if device.type == "cuda":
+                    resident = torch.cuda.memory_allocated(device)
+                    torch.cuda.reset_peak_memory_stats(device)
                 t0 = time.perf_counter()
                 run()
                 _sync(device)
                 times[name].append(time.perf_counter() - t0)
-    return times
+                if device.type == "cuda":
+                    added = (torch.cuda.max_memory_allocated(device) - resident) / 2**20
+                    step_mem[name] = round(max(step_mem.get(name, 0.0), added), 1)
+    return times, step_mem
 
 
 def autocast_for(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
@@ -124,7 +143,11 @@ class Trainer:
         self.batches: Iterator[dict] = _cycle(batches)
         self.autocast = autocast
         self.step = 0
-        self.loss = float("nan")
+        self._loss = torch.tensor(float("nan"))
+
+    @property
+    def loss(self) -> float:
+        return float(self._loss)  # read once at the end: train_step itself never waits for the device
 
     def __call__(self) -> None:
         result = train_step(
@@ -137,7 +160,7 @@ class Trainer:
             step=self.step,
         )
         self.step += 1
-        self.loss = result.loss
+        self._loss = result.loss
 
 
 def _cycle(items: list) -> Iterator:
@@ -163,11 +186,36 @@ def hf_twin(model: LlamaLM) -> nn.Module:
     return hf.to(next(model.parameters()).device)
 
 
+# Shapes by name. tiny: the default project's model on its default batch. gpt2-small: GPT-2 124M (MHA, vocabulary
+# padded to 50304 as nanoGPT does) on nanoGPT's batch of 12 x 1024, the shape GPU training loops are compared at.
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"layers": 4, "dim": 256, "heads": 8, "kv_heads": 4, "seq_len": 128, "batch_size": 16, "vocab_size": 8000},
+    "gpt2-small": {
+        "layers": 12, "dim": 768, "heads": 12, "kv_heads": 12, "seq_len": 1024, "batch_size": 12, "vocab_size": 50304,
+    },
+}  # fmt: skip
+
+
+def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill every shape flag not given on the command line from ``--preset``."""
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def compiled(model: nn.Module, enabled: bool, fullgraph: bool = False) -> nn.Module:
+    return torch.compile(model, fullgraph=fullgraph) if enabled else model
+
+
 def setup(args: argparse.Namespace) -> tuple[torch.device, ModelConfig]:
     """Seed, thread count, device and the model shape every subcommand reads from its flags."""
+    apply_preset(args)
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cuda" and torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls, as training does (train.tf32)
     config = ModelConfig(
         vocab_size=args.vocab_size,
         dim=args.dim,
@@ -187,9 +235,14 @@ def bench_pretrain(args: argparse.Namespace) -> list[dict]:
     baseline = hf_twin(ours)
     batches = random_batches(config.vocab_size, args.batch_size, args.seq_len, 4, device, args.seed)
     autocast = autocast_for(device, args.dtype)
-    runners = {"ours": Trainer(ours, batches, autocast), "transformers": Trainer(baseline, batches, autocast)}
+    runners = {
+        "ours": Trainer(compiled(ours, args.compile, fullgraph=True), batches, autocast),
+        "transformers": Trainer(compiled(baseline, args.compile), batches, autocast),
+    }
 
-    times = time_alternating(runners, steps=args.steps, warmup=args.warmup, repeats=args.repeats, device=device)
+    times, step_mem = time_alternating(
+        runners, steps=args.steps, warmup=args.warmup, repeats=args.repeats, device=device
+    )
 
     tokens_per_step = args.batch_size * args.seq_len
     flops_per_token = ours.flops_per_token(args.seq_len)
@@ -197,6 +250,7 @@ def bench_pretrain(args: argparse.Namespace) -> list[dict]:
     shape = {"layers": args.layers, "dim": args.dim, "heads": args.heads, "kv_heads": args.kv_heads}
     shape |= {"vocab_size": args.vocab_size, "seq_len": args.seq_len, "batch_size": args.batch_size}
     common = {"bench": "pretrain", "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads()}
+    common |= {"preset": args.preset, "compile": args.compile}
     rows = []
     for name, trainer in runners.items():
         stats = summarize(times[name])
@@ -206,8 +260,9 @@ def bench_pretrain(args: argparse.Namespace) -> list[dict]:
             | {"model": name, "tokens_per_s": round(tok_s, 1)}
             | {"tokens_per_s_min": round(tokens_per_step / (stats["step_ms_max"] / 1e3), 1)}
             | {"tokens_per_s_max": round(tokens_per_step / (stats["step_ms_min"] / 1e3), 1)}
-            | {"mfu": round(tok_s * flops_per_token / peak, 4), "loss": round(trainer.loss, 5)}
+            | {"mfu": significant(tok_s * flops_per_token / peak), "loss": round(trainer.loss, 5)}
             | {"steps_trained": trainer.step}
+            | ({"peak_step_mem_mib": step_mem[name]} if name in step_mem else {})
             | stats
         )
     ratio = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
@@ -249,7 +304,7 @@ class PlainLoop:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self._loss = loss.detach()
+        self._loss = loss.detach()  # read once at the end, like Trainer
 
     @property
     def loss(self) -> float:
@@ -284,13 +339,16 @@ def bench_lora(args: argparse.Namespace) -> list[dict]:
     autocast = autocast_for(device, args.dtype)
     optim = OptimConfig(warmup_steps=0)
     runners = {
-        "ours": Trainer(ours, batches, autocast),
-        "transformers+peft": PlainLoop(theirs, batches, autocast, lr=optim.lr),
+        "ours": Trainer(compiled(ours, args.compile), batches, autocast),
+        "transformers+peft": PlainLoop(compiled(theirs, args.compile), batches, autocast, lr=optim.lr),
     }
-    times = time_alternating(runners, steps=args.steps, warmup=args.warmup, repeats=args.repeats, device=device)
+    times, step_mem = time_alternating(
+        runners, steps=args.steps, warmup=args.warmup, repeats=args.repeats, device=device
+    )
 
     tokens_per_step = args.batch_size * args.seq_len
     common = {"bench": "lora", "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads()}
+    common |= {"preset": args.preset, "compile": args.compile}
     rows = []
     for name, runner in runners.items():
         stats = summarize(times[name])
@@ -301,6 +359,7 @@ def bench_lora(args: argparse.Namespace) -> list[dict]:
             | {"tokens_per_s_max": round(tokens_per_step / (stats["step_ms_min"] / 1e3), 1)}
             | {"trainable_params": count_parameters(runner.model)[0], "loss": round(runner.loss, 5)}
             | {"steps_trained": runner.step}
+            | ({"peak_step_mem_mib": step_mem[name]} if name in step_mem else {})
             | stats
         )
     summary = common | {
@@ -326,25 +385,58 @@ def _add_lora_parser(sub) -> None:
 # CLI
 
 
-def _add_shape(p: argparse.ArgumentParser) -> None:
-    """The model and batch shape that :func:`setup` reads, shared by every subcommand."""
-    p.add_argument("--layers", type=int, default=4, help="(default: %(default)s)")
-    p.add_argument("--heads", type=int, default=8, help="(default: %(default)s)")
-    p.add_argument("--kv-heads", type=int, default=4, help="(default: %(default)s)")
-    p.add_argument("--dim", type=int, default=256, help="(default: %(default)s)")
-    p.add_argument("--seq-len", type=int, default=128, help="(default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
-    p.add_argument("--vocab-size", type=int, default=8000, help="(default: %(default)s)")
+def _add_shape(p: argparse.ArgumentParser, preset: str = "tiny") -> None:
+    """The model and batch shape that :func:`setup` reads, shared by every subcommand: a preset, then any flag."""
+    p.add_argument("--preset", choices=sorted(PRESETS), default=preset, help="shape defaults (default: %(default)s)")
+    for key, value in PRESETS["tiny"].items():
+        p.add_argument(
+            "--" + key.replace("_", "-"), type=int, default=None, help=f"(default: the preset's; tiny {value})"
+        )
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, dtype: str = "fp32") -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps per round (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model first (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds A B A B (default: %(default)s)")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast (default: %(default)s)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=dtype, help="bf16 = autocast (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models (compiled during warm-up)")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# gpu-check: what to run first on a new GPU box
+
+
+def bench_gpu_check(args: argparse.Namespace) -> list[dict]:
+    """`bench pretrain` eager, then compiled (by default gpt2-small, bf16); the rows of both runs."""
+    if not args.device.startswith("cuda") or not torch.cuda.is_available():
+        print(
+            f"error: gpu-check needs a CUDA GPU (device {args.device}, CUDA available: "
+            f"{torch.cuda.is_available()}): run it on the GPU machine or in the dev container",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    rows = []
+    for compile_model in (False, True):
+        rows += bench_pretrain(argparse.Namespace(**{**vars(args), "compile": compile_model}))
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """The per-model rows of `bench pretrain` runs as one plain-text table."""
+    models = [r for r in rows if r["model"] != "ratio"]
+    header = f"{'model':<14}{'compile':<9}{'tokens/s':>12}{'MFU':>8}{'peak step MiB':>15}{'step ms (min-max)':>24}"
+    lines = [header, "-" * len(header)]
+    for r in models:
+        spread = f"{r['step_ms_median']:.1f} ({r['step_ms_min']:.1f}-{r['step_ms_max']:.1f})"
+        memory = f"{r['peak_step_mem_mib']:.0f}" if "peak_step_mem_mib" in r else "-"
+        lines.append(
+            f"{r['model']:<14}{'yes' if r['compile'] else 'no':<9}{r['tokens_per_s']:>12,.0f}"
+            f"{100 * r['mfu']:>7.1f}%{memory:>15}{spread:>24}"
+        )
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -356,12 +448,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=bench_pretrain)
     _add_lora_parser(sub)
+    p = sub.add_parser("gpu-check", help="CUDA: pretrain bench eager and compiled (gpt2-small, bf16) as one table")
+    _add_shape(p, preset="gpt2-small")
+    _add_common(p, dtype="bf16")
+    p.set_defaults(func=bench_gpu_check)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    for row in args.func(args):
+    rows = args.func(args)
+    if args.command == "gpu-check":
+        device = torch.cuda.get_device_name(torch.device(args.device))
+        shape = ", ".join(f"{k} {v}" for k, v in PRESETS[args.preset].items())
+        print(f"{device}, torch {torch.__version__}, {args.preset} ({shape}), {args.dtype}\n{format_table(rows)}")
+        return
+    for row in rows:
         print(json.dumps(row), flush=True)
 
 

@@ -43,6 +43,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 slower
 
     def __post_init__(self) -> None:
         _require(self.vocab_size >= 2, "model.vocab_size", self.vocab_size, ">= 2")
@@ -89,7 +90,7 @@ class OptimConfig:
     weight_decay: float = 0.1  # applied to matrices (>= 2-D) only: never to norms or biases
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
-    fused: bool | None = None  # None = fused kernel on CUDA when available, foreach otherwise
+    fused: bool | None = None  # None = fused kernel where torch has one (CUDA, CPU), foreach otherwise; True = must
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # YAML gives a list
@@ -118,7 +119,9 @@ class TrainConfig:
     device: str = "auto"  # auto = cuda when available, else cpu; or cpu, cuda, cuda:1, mps
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 autocast where the device supports it natively
     tf32: bool = True  # TF32 matmuls on Ampere+ GPUs (fp32 runs only)
-    compile: bool = False  # torch.compile the model (first steps are slow while it compiles)
+    # torch.compile the model: auto = on CUDA, unless --debug, --break-on-nonfinite or an attached debugger asks for
+    # eager (see runtime.compile_decision); the first steps are reported as "compiling"
+    compile: bool | Literal["auto"] = "auto"
     deterministic: bool = False  # torch.use_deterministic_algorithms + fixed seeds (slower; for debugging)
     detect_anomaly: bool = False  # autograd anomaly detection: names the op that produced a NaN (very slow)
     peak_tflops: float | None = None  # device peak for MFU; None = look up the GPU / measure once

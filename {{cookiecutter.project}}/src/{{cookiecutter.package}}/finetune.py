@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from .data import classify as cls_data
 from .data import sft as sft_data
 from .lora import apply_lora, check_qlora, count_parameters, load_model, merge_and_save
 from .metrics import TokenLossMeter, classification_metrics, format_confusion_matrix, perplexity
+from .runtime import maybe_compile
 from .train.distributed import barrier, init_distributed, resolve_device, teardown, unwrap, wrap_ddp
 from .train.loop import fit, resolve_start, setup_runtime, to_device
 
@@ -332,8 +334,10 @@ def run(cfg: FinetuneConfig, dbg: DebugConfig | None = None) -> dict:
             print(f"data: {len(data.train)} training {unit}, {len(data.val)} validation examples")
         if cfg.task == "classify":
             model = ClassifierWithLoss(model, data.class_weights)
-        if not cfg.lora.qlora:  # a 4-bit model is placed by its device_map
-            model = model.to(info.device)
+        if cfg.lora.qlora:  # a 4-bit model is placed by its device_map; bitsandbytes' layers stay eager
+            print("compile: off (QLoRA: bitsandbytes 4-bit layers run eager)", file=sys.stderr)
+        else:
+            model = maybe_compile(model.to(info.device), cfg.train.compile, info.device, dbg)
         model = wrap_ddp(model, info)
 
         if info.is_main:

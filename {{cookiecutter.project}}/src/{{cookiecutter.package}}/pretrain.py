@@ -29,6 +29,7 @@ from .config import (
     config_to_yaml,
     save_config,
 )
+from .runtime import maybe_compile
 from .train.distributed import barrier, init_distributed, teardown, unwrap, wrap_ddp
 from .train.loop import evaluate_loss, fit, resolve_start, setup_runtime
 
@@ -106,9 +107,7 @@ def run(cfg: PretrainConfig, dbg: DebugConfig | None = None) -> list[dict]:
         model = LlamaLM(cfg.model).to(info.device)
         if info.is_main:
             print(f"model: {model.num_params(non_embedding=False) / 1e6:.2f}M parameters on {info.device}", flush=True)
-        if cfg.train.compile:
-            model = torch.compile(model)
-        model = wrap_ddp(model, info)
+        model = wrap_ddp(maybe_compile(model, cfg.train.compile, info.device, dbg, fullgraph=True), info)
 
         seq_len, batch = cfg.data.seq_len, cfg.train.batch_size
         rank_args = {"rank": info.rank, "world_size": info.world_size}

@@ -1,8 +1,8 @@
 """Attention: rotary position embeddings, grouped-query attention through SDPA, a KV cache, and a written-out reference.
 
 Read top to bottom:
-1. `RotaryEmbedding` / `apply_rotary`: positions enter attention by rotating q and k (Hugging Face Llama convention,
-   so weights exported to transformers give the same logits).
+1. `RotaryEmbedding` / `apply_rotary`: positions enter attention by rotating q and k (Hugging Face Llama's pairing of
+   dimensions, so weights exported to transformers give the same logits).
 2. `build_attention_mask`: one boolean mask per forward pass (True = may attend), or None for the fast causal path.
 3. `KVCache`: keys/values of past positions, so generation feeds one new token per step.
 4. `Attention`: the module the models use. Grouped-query attention (n_kv_heads <= n_heads), causal or padded
@@ -30,24 +30,26 @@ _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")
 # Rotary position embeddings
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    """[x1, x2] -> [-x2, x1] on the last dim: multiplying by i in the complex plane, in the HF half-split layout."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x [B, H, T, D] by its positions' angles; cos/sin are [T, D] (shared) or [B, T, D] (per row)."""
+    """Rotate x [B, H, T, D] by its positions' angles; cos/sin are [T, D] (shared) or [B, T, D] (per row).
+
+    Llama pairs dimension i with i + D/2 and turns each pair (a, b) by its angle: (a cos - b sin, b cos + a sin).
+    Rolling the last dim by D/2 lines b up under a (and a under b), and `sin` carries the pair's sign (-sin in the
+    first half, +sin in the second, see `RotaryEmbedding`), so the whole rotation is two multiplies and an add: no
+    chunk, negation and concatenation per call, and one fused kernel under torch.compile.
+    """
     if cos.dim() == 3:  # per-row positions: broadcast over heads
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     # Match x's dtype: under bf16 autocast q/k are bf16 while the tables are fp32, and mixing would upcast q and k.
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return x * cos + rotate_half(x) * sin
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for RoPE. Frequencies theta^(-2i/D), repeated twice along D (the HF Llama layout).
 
+    `sin` is stored with the rotation's sign folded in: [-sin, +sin] along D where transformers keeps [+sin, +sin]
+    and negates half of x on every call instead (`rotate_half`). `cos` is the same as transformers'.
     The tables are a non-persistent buffer: they are derived from the config, never saved, and grow on demand when a
     position beyond `max_seq_len` is asked for (generation past the training length).
     """
@@ -63,9 +65,8 @@ class RotaryEmbedding(nn.Module):
     def _build(self, length: int) -> None:
         t = torch.arange(length, dtype=torch.float32, device=self.inv_freq.device)  # [L]
         freqs = torch.outer(t, self.inv_freq)  # [L, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [L, D]
-        self.register_buffer("cos_cached", emb.cos(), persistent=False)
-        self.register_buffer("sin_cached", emb.sin(), persistent=False)
+        self.register_buffer("cos_cached", torch.cat((freqs.cos(), freqs.cos()), dim=-1), persistent=False)
+        self.register_buffer("sin_cached", torch.cat((-freqs.sin(), freqs.sin()), dim=-1), persistent=False)
 
     def _ensure(self, length: int) -> None:
         if length > self.cos_cached.shape[0]:
@@ -244,6 +245,15 @@ class Attention(nn.Module):
 # Written-out reference (what the textbooks draw). Used by the tests, and to read when SDPA feels like magic.
 
 
+def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE as the paper writes it: dimension i pairs with i + D/2 and the pair (a, b) turns by its position's angle,
+    (a, b) -> (a cos - b sin, b cos + a sin). x [..., T, D]; cos, sin as `RotaryEmbedding` gives them."""
+    half = x.shape[-1] // 2
+    a, b = x[..., :half], x[..., half:]
+    c, s = cos[..., :half], sin[..., half:]  # sin's second half is +sin (the first half holds -sin)
+    return torch.cat((a * c - b * s, b * c + a * s), dim=-1)
+
+
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
     """softmax(Q K^T / sqrt(d_k)) V.  q [..., T, d_k], k [..., S, d_k], v [..., S, d_v], mask bool [..., T, S]."""
     d_k = q.shape[-1]
@@ -306,8 +316,6 @@ class ReferenceMultiHeadAttention(nn.Module):
             g = h // self.n_rep  # the key/value head this query head shares
             q, k, v = self.w_q[h](x), self.w_k[g](kv_in), self.w_v[g](kv_in)  # [B, T, D], [B, S, D], [B, S, D]
             if rope is not None and not self.cross:
-                cos, sin = rope
-                q = q * cos + rotate_half(q) * sin  # cos/sin [T, D] or [B, T, D] broadcast over [B, T, D]
-                k = k * cos + rotate_half(k) * sin
+                q, k = rotate_pairs(q, *rope), rotate_pairs(k, *rope)
             heads.append(reference_attention(q, k, v, allowed))  # [B, T, D]
         return self.w_o(torch.cat(heads, dim=-1))  # [B, T, H*D] -> [B, T, C]

@@ -1,7 +1,7 @@
 """LlamaLM: a decoder-only language model with the Llama architecture, written to be read top to bottom.
 
 token ids [B, T] -> embed_tokens -> n_layers x DecoderBlock (RMSNorm, GQA attention with RoPE, SwiGLU) -> norm
--> lm_head -> logits [B, T, V].
+-> lm_head -> logits [B, T, V] (or, given labels, the loss: see `chunked_cross_entropy`).
 
 Parameter names are Hugging Face Llama's without the `model.` prefix (embed_tokens, layers.{i}.self_attn.q_proj,
 ..., norm, lm_head), so `model.hf.export_hf` is a key copy, LoRA targets ("q_proj", "v_proj", ...) are the usual ones,
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from .attention import KVCache, RotaryEmbedding, build_attention_mask
@@ -25,7 +26,9 @@ __all__ = ["KVCache", "LMOutput", "LlamaLM"]
 
 @dataclass
 class LMOutput:
-    logits: Tensor  # [B, T, V]
+    # [B, T, V]; None when labels are given: the loss is then computed block by block from the hidden states and the
+    # whole logits tensor is never built (call the model without labels to get logits)
+    logits: Tensor | None
     loss: Tensor | None = None  # mean CE over labels != -100; labels are shifted inside forward (HF convention)
     past_key_values: KVCache | None = None
 
@@ -73,17 +76,22 @@ class LlamaLM(nn.Module):
         mask = build_attention_mask(attention_mask, T, past_len, causal=True)
 
         x = self.embed_tokens(input_ids)  # [B, T, C]
+        recompute = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, rope=rope, mask=mask, cache=past_key_values)
-        logits = self.lm_head(self.norm(x))  # [B, T, V]
+            if recompute:
+                # Keep only the block's input; its activations are recomputed in backward (~1/3 more compute for a
+                # fraction of the memory: what lets a bigger model or batch fit).
+                x = checkpoint(layer, x, rope=rope, mask=mask, cache=past_key_values, use_reentrant=False)
+            else:
+                x = layer(x, rope=rope, mask=mask, cache=past_key_values)
+        h = self.norm(x)  # [B, T, C]
 
-        loss = None
-        if labels is not None:
-            # Position t predicts token t+1. Shift the labels left (and pad with -100) rather than slicing the
-            # logits: logits[:, :-1] would force a copy of the whole [B, T, V] tensor before the flatten.
-            targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # [B, T]
-            loss = cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))
-        return LMOutput(logits=logits, loss=loss, past_key_values=past_key_values if use_cache else None)
+        if labels is None:
+            return LMOutput(logits=self.lm_head(h), past_key_values=past_key_values if use_cache else None)
+        # Position t predicts token t+1: shift the labels left (pad with -100) instead of slicing the hidden states.
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # [B, T]
+        loss = chunked_cross_entropy(h.view(B * T, -1), self.lm_head, targets.reshape(B * T))
+        return LMOutput(logits=None, loss=loss, past_key_values=past_key_values if use_cache else None)
 
     # ------------------------------------------------------------------------------------------------------------------
 
@@ -141,50 +149,26 @@ class LlamaLM(nn.Module):
         return 6 * self.num_params(non_embedding=True) + 12 * c.n_layers * c.n_heads * (c.dim // c.n_heads) * seq_len
 
 
-class _SoftmaxCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy over rows whose target != -100; the same numbers as F.cross_entropy, a cheaper backward.
+# The loss is computed in this many row blocks: enough that one block's fp32 logits are a small share of the full
+# [N, V] tensor (and, on a CPU, small enough for the allocator to reuse instead of mapping fresh pages every step), few
+# enough that the extra kernel launches are noise on a GPU. torchtune's chunked output loss uses the same 8.
+LOSS_CHUNKS = 8
 
-    Why not F.cross_entropy: it saves log-probabilities, and its backward allocates a zero [N, V] tensor, scatters the
-    targets into it, then allocates the [N, V] gradient and exponentiates all N*V log-probabilities again. Here the
-    forward saves the probabilities and the backward turns them, in place, into the gradient
-    (softmax - one_hot(target)) * scale: one multiply and a scatter, no exp, no new [N, V] tensor. Each [N, V]
-    buffer avoided matters: with V = 8000 it is 65 MB, too big for the allocator's free lists, so every fresh one is
-    new pages from the OS (~20 ms on a 2-core CPU).
-    The price: backward may run only once per forward (retain_graph=True and a second backward raise an error).
+
+def chunked_cross_entropy(hidden: Tensor, head: nn.Module, targets: Tensor, n_chunks: int = LOSS_CHUNKS) -> Tensor:
+    """Mean cross-entropy of ``head(hidden)`` against ``targets``, without ever building the whole logits tensor.
+
+    hidden [N, C], targets [N] (-100 = ignore) -> scalar; equals
+    ``F.cross_entropy(head(hidden).float(), targets, ignore_index=-100)`` (nan when nothing is labelled, like it).
+    Each block of rows is projected to the vocabulary, upcast to fp32 and reduced to a summed loss before the next
+    block, so the [N, V] logits (and their fp32 copy) exist one block at a time; autograd keeps only the blocks'
+    log-probabilities for backward. Plain differentiable ops: torch.compile traces it without graph breaks, and
+    ``head`` may be any module (a LoRA-wrapped lm_head included).
     """
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:  # logits [N, V], targets [N]
-        probs = torch.softmax(logits.float(), dim=-1)  # [N, V], fp32 even when logits are bf16
-        valid = targets != -100  # [N]
-        safe = targets.clamp(min=0)  # ignored rows point at token 0; their weight below is 0
-        p_target = probs.gather(1, safe[:, None]).squeeze(1)  # [N]
-        logp = p_target.log()
-        tiny = p_target < 1e-30  # p underflows (loss > ~69): take those rows from an exact log_softmax instead
-        if bool(tiny.any()):
-            exact = torch.log_softmax(logits.float(), dim=-1).gather(1, safe[:, None]).squeeze(1)
-            logp = torch.where(tiny, exact, logp)
-        n_valid = valid.sum()
-        ctx.save_for_backward(probs, safe, valid, n_valid)
-        ctx.logits_dtype = logits.dtype
-        ctx.consumed = False
-        return -(logp * valid).sum() / n_valid  # 0/0 = nan when nothing is labelled, like F.cross_entropy
-
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor):
-        if ctx.consumed:
-            raise RuntimeError("cross_entropy: a second backward through the same loss is not supported")
-        ctx.consumed = True
-        probs, safe, valid, n_valid = ctx.saved_tensors
-        scale = (valid.to(probs.dtype) * (grad_loss / n_valid))[:, None]  # [N, 1]; 0 for ignored rows
-        grad = probs.mul_(scale)  # d loss / d logits = (softmax - one_hot(target)) * scale, built in place
-        grad.scatter_add_(1, safe[:, None], -scale)
-        return grad.to(ctx.logits_dtype), None
-
-
-def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean CE of logits [N, V] against targets [N] (-100 = ignore). Equals F.cross_entropy(..., ignore_index=-100)."""
-    return _SoftmaxCrossEntropy.apply(logits, targets)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for h, t in zip(hidden.tensor_split(n_chunks), targets.tensor_split(n_chunks), strict=True):
+        total = total + F.cross_entropy(head(h).float(), t, ignore_index=-100, reduction="sum")
+    return total / (targets != -100).sum()
 
 
 def sample_next(

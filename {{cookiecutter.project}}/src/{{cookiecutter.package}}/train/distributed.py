@@ -161,3 +161,10 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """True when ``torch.compile`` wraps the model (possibly inside DDP)."""
+    while isinstance(model, DDP):
+        model = model.module
+    return isinstance(getattr(model, "_orig_mod", None), nn.Module)

@@ -1,8 +1,9 @@
 """fit(): the one training loop, shared by pre-training and fine-tuning.
 
 What it does, in order, every step: draw ``grad_accum`` micro-batches from a :class:`BatchSource`, call
-:func:`.step.train_step`, log (progress bar, TensorBoard, ``metrics.jsonl``), and when due evaluate, sample and
-checkpoint. Everything else (building the model, the data, the evaluation and sampling functions) belongs to the
+:func:`.step.train_step` and advance the progress bar. Every ``log_every`` steps (and before an evaluation or a
+checkpoint) it reads the steps' numbers from the device in one go (:class:`StepLog`), logs them (a line, TensorBoard,
+``metrics.jsonl``) and stops on a non-finite step; then, when due, it evaluates, samples and checkpoints. Everything else (building the model, the data, the evaluation and sampling functions) belongs to the
 entry point, which passes plain functions in; there are no callbacks beyond ``evaluate``/``sample``/``save_model``.
 
 Also here: the runtime set-up every entry point calls before building its model (:func:`setup_runtime`: seeds,
@@ -29,10 +30,10 @@ from torch import Tensor, nn
 
 from ..config import ConfigError, OptimConfig, TrainConfig, config_to_dict
 from . import checkpoint as ckpt
-from .distributed import all_gather_object, all_reduce_mean, barrier, get_rank, get_world_size, unwrap
+from .distributed import all_gather_object, all_reduce_mean, barrier, get_rank, get_world_size, is_compiled, unwrap
 from .flops import peak_flops
 from .optim import build_optimizer, build_scheduler
-from .step import NonFiniteLossError, train_step
+from .step import NonFiniteLossError, StepResult, train_step
 
 # --------------------------------------------------------------------------------------------------------------------
 # The data interface fit() consumes
@@ -160,15 +161,14 @@ def evaluate_loss(
     """Mean loss and perplexity over ``batches`` (e.g. ``EvalWindows`` or a DataLoader); fit() adds eval mode,
     ``no_grad`` and autocast around it. Token-weighted would differ only with padding; the mean of batch losses is
     what nanoGPT and HF Trainer report too."""
-    total, n = 0.0, 0
+    losses = []
     for batch in batches:
-        if max_batches is not None and n >= max_batches:
+        if max_batches is not None and len(losses) >= max_batches:
             break
-        total += float(model(**to_device(batch, device)).loss)
-        n += 1
-    if n == 0:
+        losses.append(model(**to_device(batch, device)).loss.float())
+    if not losses:
         raise ValueError("evaluate_loss got no batches")
-    loss = total / n
+    loss = float(torch.stack(losses).mean())  # one read of the device for the whole evaluation
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
@@ -191,12 +191,29 @@ def _flops_per_token(model: nn.Module, seq_len: int) -> float:
     return 6.0 * trainable + 4.0 * frozen
 
 
+def _log_line(record: dict, max_steps: int, bar: Any, writer: Any, write: Callable[[str], None]) -> None:
+    """One persistent line (the bar only shows the latest numbers), the bar's numbers and TensorBoard scalars."""
+    step = record["step"]
+    head = f"step {step}/{max_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}"
+    head += f"  grad_norm {record['grad_norm']:.3f}"
+    if "compile_s" in record:
+        write(f"{head}  compiling: {record['compile_s']:.1f} s (throughput is logged from the next step on)")
+        return
+    write(f"{head}  tok/s {record['tokens_per_s']:,.0f}  mfu {100 * record['mfu']:.1f}%")
+    if bar is not None:
+        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
+    if writer is not None:
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
+            writer.add_scalar(f"train/{key}", record[key], step)
+
+
 def _due(step: int, every: int, last: bool) -> bool:
     return last or (every > 0 and step % every == 0)
 
 
 def _params_finite(model: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.is_floating_point())
+    checks = [torch.isfinite(p).all() for p in model.parameters() if p.is_floating_point()]
+    return bool(torch.stack(checks).all()) if checks else True  # one read of the device
 
 
 def _truncate_metrics(path: Path, after_step: int) -> None:
@@ -238,6 +255,56 @@ def resolve_start(run_dir: str | Path, cfg: TrainConfig, resume: bool | str | Pa
             "--train.resume auto, start a new run with another --name, or replace it with --train.overwrite true"
         )
     return found
+
+
+class StepLog:
+    """The steps since the last read of the device, and the clock of that window.
+
+    ``train_step`` leaves its numbers on the device; ``add`` keeps them, ``read`` turns all of them into metrics
+    records with a single device read (so a GPU is waited for once per ``log_every``, not every step) and measures
+    throughput over the window: tokens / wall time from the window's start to that read. Evaluation and checkpoint
+    time is kept out by ``restart`` after them; a compiled model's first step is its own window, logged as compiling.
+    """
+
+    def __init__(self, flops_per_token: float | None, peak: float) -> None:
+        self.fpt, self.peak = flops_per_token, peak
+        self.pending: list[tuple[int, StepResult]] = []
+        self.failed: tuple[int, StepResult] | None = None
+        self.restart()
+
+    def restart(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def add(self, step: int, result: StepResult) -> None:
+        self.pending.append((step, result))
+
+    def read(self, *, compiling: bool = False) -> list[dict]:
+        """Records of the pending steps, up to and including the first skipped (non-finite) one, which
+        :meth:`raise_if_failed` then reports."""
+        rows = torch.stack(
+            [torch.stack([r.loss, r.grad_norm, r.tokens, r.finite.float()]) for _, r in self.pending]
+        ).tolist()  # the one device read
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        records = []
+        for (step, result), (loss, grad_norm, tokens, finite) in zip(self.pending, rows, strict=True):
+            records.append({"step": step, "loss": loss, "lr": result.lr, "grad_norm": grad_norm, "tokens": tokens})
+            if not finite:
+                self.failed = (step, result)
+                break
+        tokens_per_s = sum(row[2] for row in rows) / elapsed
+        for record in records:
+            if compiling:
+                record["compile_s"] = elapsed
+            else:  # the window's average: steps are not timed one by one (that would wait for the device)
+                record["tokens_per_s"] = tokens_per_s
+                record["mfu"] = tokens_per_s * (self.fpt or 0.0) / self.peak
+        self.pending.clear()
+        return records
+
+    def raise_if_failed(self) -> None:
+        if self.failed is not None:
+            step, result = self.failed
+            result.check_finite(step)
 
 
 def fit(
@@ -286,8 +353,9 @@ def fit(
         progress: show the tqdm bar (rank 0 only).
 
     Raises:
-        NonFiniteLossError / ``debug.NonFiniteError``: a NaN/Inf loss or gradient; raised before the update and
-            before any checkpoint of that step is written, so the latest checkpoint stays a good one.
+        NonFiniteLossError / ``debug.NonFiniteError``: a NaN/Inf loss or gradient. Its update was skipped on the
+            device (see :func:`.step.train_step`); the error comes at the next read (log, eval or checkpoint step),
+            before any checkpoint is written, so the latest checkpoint stays a good one.
         ConfigError: fresh start in a run directory with checkpoints, or a resume path without a checkpoint.
     """
     from ..debug import NonFiniteGuard
@@ -407,7 +475,8 @@ def fit(
             print(text, flush=True)
 
     history: list[dict] = []
-    fpt: float | None = flops_per_token
+    log = StepLog(flops_per_token, peak * world)
+    compiling = is_compiled(model)  # the first step of a compiled model compiles it: logged as such, not as speed
     anomaly = torch.autograd.detect_anomaly(check_nan=True) if cfg.detect_anomaly else contextlib.nullcontext()
     if start_step >= cfg.max_steps:
         _notice(f"already at step {start_step} of train.max_steps={cfg.max_steps}: nothing to train")
@@ -416,10 +485,9 @@ def fit(
             for step in range(start_step, cfg.max_steps):
                 done = step + 1  # 1-based, as logged and as checkpoints are named (step-000001 = after 1 update)
                 guard.step = done
-                t0 = time.perf_counter()
                 batches = [to_device(train_source.next_batch(), device) for _ in range(cfg.grad_accum)]
-                if fpt is None:
-                    fpt = _flops_per_token(raw, batches[0]["input_ids"].shape[-1])
+                if log.fpt is None:
+                    log.fpt = _flops_per_token(raw, batches[0]["input_ids"].shape[-1])
                 result = train_step(
                     model,
                     batches,
@@ -430,46 +498,29 @@ def fit(
                     step=done,
                     check_loss=guard.check_loss,
                 )
-                dt = max(time.perf_counter() - t0, 1e-9)  # .item() in train_step already synchronised the device
-                tokens_per_s = result.tokens / dt
-                record = {
-                    "step": done,
-                    "loss": result.loss,
-                    "lr": result.lr,
-                    "grad_norm": result.grad_norm,
-                    "tokens_per_s": tokens_per_s,
-                    "mfu": tokens_per_s * fpt / (peak * world),
-                }
+                log.add(done, result)
+                if bar is not None:
+                    bar.update(1)  # no numbers: they would wait for the device
                 last = done == cfg.max_steps
-                if main:
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(
-                            loss=f"{result.loss:.4f}",
-                            lr=f"{result.lr:.2e}",
-                            gnorm=f"{result.grad_norm:.2f}",
-                            tok_s=f"{tokens_per_s:,.0f}",
-                            mfu=f"{100 * record['mfu']:.1f}%",
-                            refresh=False,
-                        )
-                    if _due(done, cfg.log_every, last):
-                        if writer is not None:
-                            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
-                                writer.add_scalar(f"train/{key}", record[key], done)
-                        if main:  # a persistent line per log interval (the bar only shows the latest step)
-                            _write(
-                                f"step {done}/{cfg.max_steps}  loss {result.loss:.4f}  lr {result.lr:.2e}  "
-                                f"grad_norm {result.grad_norm:.3f}  tok/s {tokens_per_s:,.0f}  "
-                                f"mfu {100 * record['mfu']:.1f}%"
-                            )
-                if (evaluate is not None or sample is not None) and _due(done, cfg.eval_every, last):
-                    run_eval(done, record)
+                log_due, eval_due = _due(done, cfg.log_every, last), _due(done, cfg.eval_every, last)
+                save_due = _due(done, cfg.save_every, last)
+                if not (compiling or log_due or save_due or (eval_due and (evaluate or sample))):
+                    continue
+                records = log.read(compiling=compiling)
+                if log.failed is None:
+                    if main and (log_due or compiling):
+                        _log_line(records[-1], cfg.max_steps, bar, writer, _write)
+                    if (evaluate is not None or sample is not None) and eval_due:
+                        run_eval(done, records[-1])
                 if main:
                     with open(metrics_path, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(record) + "\n")
-                history.append(record)
-                if _due(done, cfg.save_every, last):
+                        f.writelines(json.dumps(record) + "\n" for record in records)
+                history.extend(records)
+                log.raise_if_failed()  # before any checkpoint: the skipped step ends the run
+                compiling = False
+                if save_due:
                     save(done)
+                log.restart()  # evaluation and checkpoint time is not training time
     finally:
         if bar is not None:
             bar.close()

@@ -6,8 +6,8 @@ with ``requires_grad`` are optimized, so a peft-wrapped model gets an optimizer 
 
 from __future__ import annotations
 
-import inspect
 import math
+import sys
 
 import torch
 from torch import nn
@@ -34,25 +34,26 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def _adamw_kernel_kwargs(params_device: torch.device, fused: bool | None) -> dict:
-    """``fused=True`` (one kernel for all parameters) on CUDA when this torch supports it, ``foreach`` otherwise.
-
-    Both are documented AdamW arguments; the signature check keeps older/newer builds working without a try/except.
-    """
-    accepted = inspect.signature(torch.optim.AdamW).parameters
-    want_fused = params_device.type == "cuda" if fused is None else fused
-    if want_fused and "fused" in accepted:
-        return {"fused": True}
-    return {"foreach": True} if "foreach" in accepted else {}
-
-
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters of ``model``; call after ``model.to(device)`` (before or after DDP)."""
+    """AdamW over the trainable parameters of ``model``; call after ``model.to(device)`` (before or after DDP).
+
+    ``fused=True`` by default (``cfg.fused`` None): one kernel updates every parameter, on CUDA and on CPU (torch >=
+    2.4; 4-5x faster than ``foreach`` on a CPU), and it accepts ``found_inf``, which is how ``train_step`` skips a
+    non-finite update without waiting for the device. Where torch has no fused kernel for the parameters' device or
+    dtype, ``foreach`` is used with a one-line notice.
+    """
     groups = param_groups(model, cfg.weight_decay)
-    device = groups[0]["params"][0].device
-    return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **_adamw_kernel_kwargs(device, cfg.fused)
-    )
+    kwargs = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps}
+    if cfg.fused is False:
+        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except RuntimeError as err:  # "`fused=True` requires all the params to be ... of supported devices"
+        if cfg.fused:
+            raise
+        device = groups[0]["params"][0].device
+        print(f"notice: no fused AdamW for these parameters on {device} ({err}): using foreach", file=sys.stderr)
+        return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
 class WarmupCosine:

@@ -1,7 +1,7 @@
 """One optimizer step: the single place where every training entry point computes a loss and updates weights.
 
 Put a breakpoint here. The line in train_step whose comment announces the computed loss runs once per micro-batch
-with ``batch``, ``out`` (logits, loss) and ``loss`` in scope; the IDE run configurations and their tests stop on it
+with ``batch``, ``out`` (the model output) and ``loss`` in scope; the IDE run configurations and their tests stop on it
 (they find it by that comment, so keep the comment text unique in this file).
 """
 
@@ -18,23 +18,46 @@ from torch import Tensor, nn
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss or the gradient norm became NaN/Inf; raised before the optimizer touches the weights."""
+    """The loss or the gradient norm became NaN/Inf; that update was skipped, so the weights are still finite."""
 
 
 @dataclass
 class StepResult:
-    loss: float  # mean loss over the micro-batches (and over ranks under DDP)
-    grad_norm: float  # global L2 norm of the gradients before clipping
-    lr: float  # learning rate used for this update (first parameter group)
-    tokens: int  # input tokens processed in this step, summed over micro-batches and ranks
+    """What one update produced. The tensors stay on the device: reading one (``float(r.loss)``, ``.item()``,
+    ``.tolist()``) waits for the GPU to finish the step, so :func:`..loop.fit` reads them once per ``log_every``."""
+
+    loss: Tensor  # mean loss over the micro-batches (and over ranks under DDP), fp32 scalar
+    grad_norm: Tensor  # global L2 norm of the gradients before clipping, fp32 scalar
+    lr: float  # learning rate used for this update (first parameter group; a host number, no sync)
+    tokens: Tensor  # input tokens processed in this step, summed over micro-batches and ranks, fp32 scalar
+    finite: Tensor  # bool scalar: False = loss or grad norm was NaN/Inf and the update was skipped
+
+    def check_finite(self, step: int) -> None:
+        """Raise :class:`NonFiniteLossError` if this update was skipped (reads the device: call at log time)."""
+        if bool(self.finite):
+            return
+        loss, grad_norm = float(self.loss), float(self.grad_norm)
+        what = f"loss ({loss})" if not math.isfinite(loss) else f"gradient norm ({grad_norm}) (loss {loss:.4f})"
+        raise NonFiniteLossError(
+            f"non-finite {what} at step {step}: that update was skipped and training stopped, the weights and every "
+            "checkpoint are from finite steps (lower optim.lr, check the data, or rerun with --break-on-nonfinite "
+            "to find the first bad module)"
+        )
 
 
-def count_tokens(batch: dict[str, Tensor]) -> int:
-    """Non-padding input tokens of a batch (``attention_mask`` ones when there is a 2-D mask, else all of them)."""
+def count_tokens(batch: dict[str, Tensor]) -> Tensor | int:
+    """Non-padding input tokens of a batch: ``attention_mask`` ones (a device tensor) when there is a 2-D mask, else
+    the element count (a plain int)."""
     mask = batch.get("attention_mask")
     if isinstance(mask, Tensor) and mask.dim() == 2:
-        return int(mask.sum().item())
-    return int(batch["input_ids"].numel())
+        return mask.sum()
+    return batch["input_ids"].numel()
+
+
+def skips_nonfinite_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """True for optimizers that take ``found_inf`` (the fused AdamW :func:`.optim.build_optimizer` makes): they skip
+    an update on the device, the way ``torch.amp.GradScaler`` uses them."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
 
 def train_step(
@@ -51,7 +74,17 @@ def train_step(
     """Forward + backward over ``micro_batches`` (gradient accumulation), clip, optimizer and scheduler step.
 
     Put a breakpoint here (or on the line below whose comment marks the computed loss) to inspect a batch, the
-    logits and the loss of any entry point: pre-training, SFT and classification all call this function.
+    model output and the loss of any entry point: pre-training, SFT and classification all call this function.
+
+    Nothing here waits for the device: the loss, gradient norm and token count come back as device tensors
+    (:class:`StepResult`), so a GPU runs ahead of Python instead of idling at every step.
+
+    Non-finite values: the check is folded into the optimizer step. ``finite`` (loss and gradient norm both finite)
+    is computed on the device and handed to the fused AdamW as ``found_inf``, which then leaves the weights and its
+    state untouched for that step, as under ``torch.amp.GradScaler``. The caller learns of it when it reads the
+    result (:meth:`StepResult.check_finite`, which ``fit`` calls every ``log_every`` steps and before every
+    checkpoint), so a non-finite step never reaches the weights or a checkpoint. An optimizer without ``found_inf``
+    support (any other ``torch.optim`` class) is checked on the host instead, one sync per step, and raises here.
 
     Args:
         model: anything whose ``forward(**batch)`` returns an object with ``.loss`` (our ``LlamaLM``, a transformers
@@ -68,9 +101,7 @@ def train_step(
         check_loss: called with every micro-batch loss before backward (``NonFiniteGuard.check_loss``).
 
     Raises:
-        NonFiniteLossError: the mean loss or the gradient norm is NaN/Inf. Raised on every rank (the values are
-            reduced first) and before ``optimizer.step()``, so the weights stay finite and no checkpoint of a broken
-            model is ever written.
+        NonFiniteLossError: only for optimizers without ``found_inf`` support (see above), before their update.
     """
     if not micro_batches:
         raise ValueError("train_step needs at least one micro-batch")
@@ -78,7 +109,7 @@ def train_step(
     n = len(micro_batches)
     device = micro_batches[0]["input_ids"].device
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
-    tokens = 0
+    tokens: Tensor | int = 0
     no_sync = getattr(model, "no_sync", None)  # DistributedDataParallel only
     for i, batch in enumerate(micro_batches):
         last = i == n - 1
@@ -93,36 +124,31 @@ def train_step(
             if check_loss is not None:
                 check_loss(loss)
             (loss / n).backward()
-        tokens += count_tokens(batch)
+        tokens = tokens + count_tokens(batch)
 
-    # One reduction for both numbers: every rank sees the same loss, so a NaN stops all of them together.
-    totals = torch.stack([loss_sum, torch.tensor(float(tokens), device=device)])
+    # One reduction for both numbers: every rank sees the same loss, so a NaN skips the update on all of them.
+    totals = torch.stack([loss_sum, torch.as_tensor(tokens, device=device, dtype=torch.float32)])
     world = 1
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals, op=dist.ReduceOp.SUM)
         world = dist.get_world_size()
-    mean_loss = totals[0].item() / (n * world)
-    total_tokens = int(totals[1].item())
-    if not math.isfinite(mean_loss):
-        optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLossError(
-            f"non-finite loss ({mean_loss}) at step {step}: training stopped before the update, no checkpoint was "
-            "written (lower optim.lr, check the data, or rerun with --break-on-nonfinite to find the first bad module)"
-        )
+    mean_loss = totals[0] / (n * world)
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
     max_norm = grad_clip if grad_clip > 0 else float("inf")  # inf: measure the norm without clipping
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    if not math.isfinite(grad_norm):
-        optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLossError(
-            f"non-finite gradient norm ({grad_norm}) at step {step} (loss {mean_loss:.4f}): training stopped before "
-            "the update, no checkpoint was written (lower optim.lr or rerun with --break-on-nonfinite)"
-        )
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).float()  # a device scalar: no sync
+    finite = torch.isfinite(mean_loss) & torch.isfinite(grad_norm)
+    result = StepResult(
+        loss=mean_loss, grad_norm=grad_norm, lr=float(optimizer.param_groups[0]["lr"]), tokens=totals[1], finite=finite
+    )
 
-    lr = float(optimizer.param_groups[0]["lr"])
+    if skips_nonfinite_on_device(optimizer):
+        optimizer.found_inf = (~finite).float().to(params[0].device)  # 1.0 = skip this update (GradScaler's contract)
+    elif not bool(finite):
+        optimizer.zero_grad(set_to_none=True)
+        result.check_finite(step)
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)  # frees gradient memory until the next backward
-    return StepResult(loss=mean_loss, grad_norm=grad_norm, lr=lr, tokens=total_tokens)
+    return result
