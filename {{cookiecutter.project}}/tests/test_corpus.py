@@ -13,7 +13,7 @@ from {{ cookiecutter.package }}.data.corpus import (
     TokenWindows,
     iter_documents,
     prepare_corpus,
-    read_jsonl,
+    jsonl_texts,
     read_text_dir,
     token_dtype,
     tokenize_corpus,
@@ -45,7 +45,7 @@ def test_readers(tmp_path, text_dir):
     assert list(read_text_dir(text_dir, suffixes=(".txt",))) == [TEXT[:15_000]]
     p = tmp_path / "d.jsonl"
     p.write_text(json.dumps({"text": "one", "id": 1}) + "\n\n" + json.dumps({"body": "two", "text": "three"}) + "\n")
-    assert list(read_jsonl(p)) == ["one", "three"]
+    assert list(jsonl_texts(p)) == ["one", "three"]
     docs = list(iter_documents(None))
     assert len(docs) == 9 and docs[3].startswith("MACBETH")
 
@@ -58,10 +58,10 @@ def test_reader_errors(tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_text('{"text": "ok"}\n{"body": "x"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: expected an object with a string field 'text'"):
-        list(read_jsonl(p))
+        list(jsonl_texts(p))
     p.write_text("{not json\n")
-    with pytest.raises(ValueError, match="bad.jsonl:1: not valid JSON"):
-        list(read_jsonl(p))
+    with pytest.raises(ValueError, match="bad.jsonl:1: invalid JSON"):
+        list(jsonl_texts(p))
 
 
 def test_token_dtype():

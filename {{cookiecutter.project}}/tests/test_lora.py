@@ -169,9 +169,39 @@ def test_model_paths(tmp_path, ft_hf_dir):
         load_model(tmp_path / "nope", "sft")
     assert resolve_model_path(ft_hf_dir.parent) == str(ft_hf_dir)  # a pretrain run directory -> its hf/ export
     assert resolve_model_path("org/some-model") == "org/some-model"  # a hub id is passed through
+    assert resolve_model_path("gpt2") == "gpt2"  # a legacy canonical hub repo: the same rule as the tokenizer's
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="not a transformers model directory"):
         resolve_model_path(tmp_path / "empty")
     model, tok = load_model(ft_hf_dir, "classify", labels=["a", "b", "c"])
     assert model.config.num_labels == 3 and model.config.pad_token_id == tok.pad_token_id
     assert model.config.id2label == {0: "a", 1: "b", 2: "c"}
+
+
+@pytest.mark.parametrize(
+    ("name", "is_hub_id"),
+    [
+        ("gpt2", True),
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", True),
+        ("my_model.v2", True),
+        ("runs/pretrain/hf", False),  # a local path that is missing, not something to download
+        ("./model", False),
+        ("/models/llama", False),
+        ("~/models/llama", False),
+        ("org/", False),
+        ("a--b", False),
+        ("a..b", False),
+        ("org/na me", False),
+        ("", False),
+    ],
+)
+def test_one_hub_id_rule_for_models_and_tokenizers(tmp_path, monkeypatch, name, is_hub_id):
+    from {{ cookiecutter.package }}.data import tokenizer as tokenizer_module
+
+    assert tokenizer_module.looks_like_hub_id(name) is is_hub_id
+    monkeypatch.chdir(tmp_path)  # no local directory of that name
+    if is_hub_id:
+        assert resolve_model_path(name) == name
+    else:
+        with pytest.raises(ConfigError):
+            resolve_model_path(name)

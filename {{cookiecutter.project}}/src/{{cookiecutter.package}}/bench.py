@@ -18,10 +18,10 @@ ratio. Method, so the figures can be trusted:
 - on CUDA each model's `peak_step_mem_mib` is the most memory one of its steps allocated on top of what was resident
   before it (weights and optimizer state of both models), i.e. activations, gradients and temporaries.
 
-MFU = achieved FLOPs / peak FLOPs. Peak comes from the table of known CUDA GPUs in `train.flops` (dense bf16, no
-sparsity) for bf16 runs, otherwise from timing a large matmul on this device in the run's dtype ("measured": an
-achievable peak, so MFU reads higher than against a datasheet). FLOPs per token: `LlamaLM.flops_per_token` for both
-models (same architecture, same count).
+MFU = achieved FLOPs / peak FLOPs, the peak from `train.flops.peak_flops` as in training: the table of known CUDA
+GPUs (dense bf16, no sparsity) for bf16 runs, otherwise timing a large matmul on this device in the run's dtype
+("measured": an achievable peak, so MFU reads higher than against a datasheet). FLOPs per token:
+`LlamaLM.flops_per_token` for both models (same architecture, same count).
 
 More benchmarks slot in as subcommands: write `bench_<name>(args) -> list[dict]`, add a subparser in `build_parser`.
 """
@@ -43,22 +43,12 @@ from torch import nn
 from .config import ModelConfig, OptimConfig
 from .model.hf import hf_config_dict, to_hf_key
 from .model.lm import LlamaLM
-from .train.flops import lookup_peak_flops, measure_peak_flops
+from .train.flops import peak_flops
 from .train.optim import build_optimizer
 from .train.step import train_step
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Shared helpers (every subcommand uses these)
-
-
-def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
-    """(peak FLOP/s, where it came from). The shared table (train.flops) lists dense bf16 tensor-core peaks, so it is
-    used for bf16 runs on known GPUs; fp32 and everything else is measured (a large matmul in that dtype)."""
-    if device.type == "cuda" and dtype == torch.bfloat16:
-        known = lookup_peak_flops(torch.cuda.get_device_name(device))
-        if known is not None:
-            return known, "table"
-    return measure_peak_flops(device, dtype, size=2048), "measured_matmul"
 
 
 def _sync(device: torch.device) -> None:

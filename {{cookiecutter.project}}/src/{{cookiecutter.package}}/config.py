@@ -19,7 +19,7 @@ import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar
 
 import yaml
 
@@ -337,7 +337,7 @@ def parse_config(cls: type[C], argv: list[str] | None = None, *, prog: str | Non
     return cfg, dbg
 
 
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2) -> NoReturn:
     """Print ``error: message`` as one line to stderr and exit (code 2 = bad input)."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(code)

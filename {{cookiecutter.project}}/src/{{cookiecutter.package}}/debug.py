@@ -22,10 +22,12 @@ import math
 import os
 import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from .config import fail  # bad debugger flags are bad input: one line on stderr, exit code 2
 
 if TYPE_CHECKING:
     from .config import DebugConfig
@@ -36,12 +38,6 @@ INJECT_NAN_ENV = f"{__name__.split('.')[0].upper()}_INJECT_NAN_AT"
 
 class NonFiniteError(RuntimeError):
     """A NaN or Inf appeared in an activation, the loss or a gradient."""
-
-
-def _fail(message: str) -> NoReturn:
-    """Bad debugger flags are bad input: one line on stderr, exit code 2 (the CLI convention)."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
 
 
 def parse_address(value: str, default_host: str = DEFAULT_HOST) -> tuple[str, int]:
@@ -98,10 +94,10 @@ def effective_num_workers(requested: int) -> int:
 def start_debugger(dbg: DebugConfig, rank: int = 0) -> None:
     """Start the debugger the flags ask for; a no-op without ``--debugpy`` / ``--pycharm-debug``."""
     if dbg.debugpy and dbg.pycharm_debug:
-        _fail("use either --debugpy (VS Code) or --pycharm-debug (PyCharm), not both: one process has one debugger")
+        fail("use either --debugpy (VS Code) or --pycharm-debug (PyCharm), not both: one process has one debugger")
     if not (dbg.debugpy or dbg.pycharm_debug):
         if dbg.wait_for_client:
-            _fail("--wait-for-client needs --debugpy [HOST:]PORT")
+            fail("--wait-for-client needs --debugpy [HOST:]PORT")
         return
     if rank != 0 and not dbg.debugpy_all_ranks:
         return
@@ -112,7 +108,7 @@ def start_debugger(dbg: DebugConfig, rank: int = 0) -> None:
         _start_debugpy(dbg.debugpy, wait=dbg.wait_for_client, rank=rank)
     else:
         if dbg.wait_for_client:
-            _fail("--wait-for-client applies to --debugpy; --pycharm-debug always waits for PyCharm's debug server")
+            fail("--wait-for-client applies to --debugpy; --pycharm-debug always waits for PyCharm's debug server")
         _start_pycharm(dbg.pycharm_debug)
 
 
@@ -125,11 +121,11 @@ def _start_debugpy(address: str, *, wait: bool, rank: int) -> None:
     try:
         host, port = parse_address(address)
     except ValueError as error:
-        _fail(f"--debugpy: {error}")
+        fail(f"--debugpy: {error}")
     try:
         import debugpy
     except ImportError:
-        _fail('--debugpy needs debugpy: python -m pip install -e ".[dev]" (or pip install debugpy)')
+        fail('--debugpy needs debugpy: python -m pip install -e ".[dev]" (or pip install debugpy)')
     if port:
         port += rank  # torchrun: rank r listens on PORT + r, so every rank can be attached to
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -142,7 +138,7 @@ def _start_debugpy(address: str, *, wait: bool, rank: int) -> None:
     try:
         real_host, real_port = debugpy.listen((host, port))
     except (OSError, RuntimeError) as error:
-        _fail(f"--debugpy {format_address(host, port)}: cannot listen ({error})")
+        fail(f"--debugpy {format_address(host, port)}: cannot listen ({error})")
     print(f"debugpy listening on {format_address(real_host, real_port)}", file=sys.stderr, flush=True)
     if wait:
         debugpy.wait_for_client()  # returns after the client's configurationDone: breakpoints are set
@@ -152,13 +148,13 @@ def _start_pycharm(address: str) -> None:
     try:
         host, port = parse_address(address)
     except ValueError as error:
-        _fail(f"--pycharm-debug: {error}")
+        fail(f"--pycharm-debug: {error}")
     if port == 0:
-        _fail("--pycharm-debug needs the port PyCharm's Python Debug Server listens on (not 0)")
+        fail("--pycharm-debug needs the port PyCharm's Python Debug Server listens on (not 0)")
     try:
         import pydevd_pycharm
     except ImportError:
-        _fail(
+        fail(
             "--pycharm-debug needs pydevd-pycharm matching your PyCharm build (Help | About): "
             "pip install 'pydevd-pycharm~=<build>' or pip install -e '.[pycharm]'"
         )
@@ -166,7 +162,7 @@ def _start_pycharm(address: str) -> None:
         # suspend=False: run on until a breakpoint set in PyCharm is hit instead of stopping in this function.
         pydevd_pycharm.settrace(host, port=port, stdout_to_server=True, stderr_to_server=True, suspend=False)
     except OSError as error:
-        _fail(
+        fail(
             f"--pycharm-debug {format_address(host, port)}: cannot connect ({error}); start the 'Python Debug "
             "Server' run configuration in PyCharm first"
         )

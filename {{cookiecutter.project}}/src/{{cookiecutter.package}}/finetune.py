@@ -41,16 +41,15 @@ from .config import (
     FinetuneConfig,
     PretrainConfig,
     apply_debug_profile,
-    config_to_yaml,
-    save_config,
 )
 from .data import classify as cls_data
 from .data import sft as sft_data
 from .lora import apply_lora, check_qlora, count_parameters, load_model, merge_and_save
 from .metrics import TokenLossMeter, classification_metrics, format_confusion_matrix, perplexity
-from .runtime import maybe_compile
-from .train.distributed import barrier, init_distributed, resolve_device, teardown, unwrap, wrap_ddp
-from .train.loop import fit, resolve_start, setup_runtime, to_device
+from .model.transformer import ClassifierOutput
+from .runtime import training_run
+from .train.distributed import barrier, resolve_device, unwrap, wrap_ddp
+from .train.loop import fit, resolve_start, to_device
 
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "hf"
@@ -60,12 +59,6 @@ METRICS_FILE = "metrics.json"
 # ----------------------------------------------------------------------------------------------------------------------
 # Classification loss
 # ----------------------------------------------------------------------------------------------------------------------
-@dataclass
-class ClassifierOutput:
-    logits: Tensor  # [B, K]
-    loss: Tensor | None = None
-
-
 class ClassifierWithLoss(nn.Module):
     """A sequence classifier whose loss we compute: cross-entropy, optionally with class weights.
 
@@ -297,20 +290,15 @@ def run(cfg: FinetuneConfig, dbg: DebugConfig | None = None) -> dict:
     except ValueError as err:
         raise ConfigError(str(err)) from err
     check_qlora(cfg.lora, device)  # before anything is read or loaded
-    info = init_distributed(cfg.train.device)
-    try:
-        from .debug import effective_num_workers, start_debugger
+    with training_run(cfg, dbg) as run:
+        from .debug import effective_num_workers
 
-        start_debugger(dbg, info.rank)
-        run_dir = Path(cfg.out_dir) / cfg.name
-        resolve_start(run_dir, cfg.train)  # refuse early: existing run without resume/overwrite, bad resume path
+        info, run_dir = run.info, run.run_dir
         base = resolve_base_model(cfg, dbg.debug)
         raw = read_sft(cfg) if cfg.task == "sft" else read_classify(cfg)  # data errors before the model loads
         labels = raw[2].labels if cfg.task == "classify" else None
         _check_resume_labels(run_dir, cfg, labels)
-        if info.is_main:
-            print(config_to_yaml(cfg), end="", flush=True)
-        setup_runtime(cfg.train, info.device)
+        run.start(cfg)
 
         if base is None:
             base = build_tiny_base(run_dir / "base", cfg.data.max_seq_len) if info.is_main else None
@@ -336,14 +324,13 @@ def run(cfg: FinetuneConfig, dbg: DebugConfig | None = None) -> dict:
             model = ClassifierWithLoss(model, data.class_weights)
         if cfg.lora.qlora:  # a 4-bit model is placed by its device_map; bitsandbytes' layers stay eager
             print("compile: off (QLoRA: bitsandbytes 4-bit layers run eager)", file=sys.stderr)
+            model = wrap_ddp(model, info)
         else:
-            model = maybe_compile(model.to(info.device), cfg.train.compile, info.device, dbg)
-        model = wrap_ddp(model, info)
+            model = run.wrap(model.to(info.device), cfg.train.compile)
 
-        if info.is_main:
-            save_config(cfg, run_dir / "config.yaml")
-            if labels is not None:
-                cls_data.LabelMap(labels).save(run_dir)
+        run.save_config(cfg)
+        if info.is_main and labels is not None:
+            cls_data.LabelMap(labels).save(run_dir)
 
         evaluate_fn = evaluate_sft if cfg.task == "sft" else evaluate_classify
         bs = cfg.train.batch_size
@@ -375,8 +362,6 @@ def run(cfg: FinetuneConfig, dbg: DebugConfig | None = None) -> dict:
             result = finish(cfg, run_dir, model, tokenizer, data, history, base, (trainable, total), evaluate_fn)
         barrier()
         return result
-    finally:
-        teardown()
 
 
 def finish(cfg, run_dir, model, tokenizer, data, history, base, counts, evaluate_fn) -> dict:

@@ -19,7 +19,6 @@ parameters per targeted linear: r * (in + out).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -157,17 +156,14 @@ def _quantization_kwargs(settings: LoraSettings) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------------
 # Loading base models
 # ----------------------------------------------------------------------------------------------------------------------
-def _looks_like_hub_id(name: str) -> bool:
-    if name.startswith((".", "/", "~")) or (os.sep != "/" and os.sep in name) or ":" in name:
-        return False
-    return len(name) > 0 and name.count("/") == 1 and all(name.split("/"))
-
-
 def resolve_model_path(name_or_path: str | Path) -> str:
     """A transformers model directory, a pre-training run directory (-> its hf/ export), or a hub id.
 
-    A path that does not exist and is not shaped like ``org/name`` is a ConfigError (one line).
+    A path that does not exist and is not shaped like a hub id (``name`` or ``org/name``) is a ConfigError (one
+    line); a hub id that cannot be fetched fails in :func:`load_model`, also in one line.
     """
+    from .data.tokenizer import looks_like_hub_id
+
     text = str(name_or_path)
     path = Path(text).expanduser()
     if path.is_dir():
@@ -178,7 +174,7 @@ def resolve_model_path(name_or_path: str | Path) -> str:
         raise ConfigError(f"{path}: not a transformers model directory (no config.json, no hf/config.json)")
     if path.exists():
         raise ConfigError(f"{path}: expected a model directory, got a file")
-    if _looks_like_hub_id(text):
+    if looks_like_hub_id(text):
         return text
     raise ConfigError(f"model path does not exist: {text}")
 

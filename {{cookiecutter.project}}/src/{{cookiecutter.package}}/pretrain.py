@@ -15,23 +15,15 @@ Exit codes: 0 done, 2 bad input (config, data path, vocab size, existing run), 1
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from .cli import run_cli
-from .config import (
-    ConfigError,
-    DebugConfig,
-    PretrainConfig,
-    SampleConfig,
-    config_to_yaml,
-    save_config,
-)
-from .runtime import maybe_compile
-from .train.distributed import barrier, init_distributed, teardown, unwrap, wrap_ddp
-from .train.loop import evaluate_loss, fit, resolve_start, setup_runtime
+from .config import ConfigError, DebugConfig, PretrainConfig, SampleConfig
+from .runtime import training_run
+from .train.distributed import barrier, unwrap
+from .train.loop import evaluate_loss, fit
 
 
 def make_sampler(tokenizer: Any, cfg: SampleConfig, device: torch.device, seed: int):
@@ -64,16 +56,9 @@ def run(cfg: PretrainConfig, dbg: DebugConfig | None = None) -> list[dict]:
     from .model.lm import LlamaLM
 
     dbg = dbg or DebugConfig()
-    info = init_distributed(cfg.train.device)
-    try:
-        from .debug import start_debugger
-
-        start_debugger(dbg, info.rank)
-        run_dir = Path(cfg.out_dir) / cfg.name
-        resolve_start(run_dir, cfg.train)  # refuse before touching anything (existing run, bad resume path)
-        if info.is_main:
-            print(config_to_yaml(cfg), end="", flush=True)
-        setup_runtime(cfg.train, info.device)
+    with training_run(cfg, dbg) as run:
+        info, run_dir = run.info, run.run_dir
+        run.start(cfg)
 
         # Data: rank 0 trains the tokenizer and packs the tokens; the other ranks then read the cache.
         def prepare(log):
@@ -100,14 +85,14 @@ def run(cfg: PretrainConfig, dbg: DebugConfig | None = None) -> list[dict]:
                 f"({len(corpus.tokenizer)} tokens): set --model.vocab_size {len(corpus.tokenizer)} or larger"
             )
 
+        run.save_config(cfg)
         if info.is_main:
-            save_config(cfg, run_dir / "config.yaml")
             corpus.tokenizer.save_pretrained(str(run_dir / "tokenizer"))
 
         model = LlamaLM(cfg.model).to(info.device)
         if info.is_main:
             print(f"model: {model.num_params(non_embedding=False) / 1e6:.2f}M parameters on {info.device}", flush=True)
-        model = wrap_ddp(maybe_compile(model, cfg.train.compile, info.device, dbg, fullgraph=True), info)
+        model = run.wrap(model, cfg.train.compile, fullgraph=True)
 
         seq_len, batch = cfg.data.seq_len, cfg.train.batch_size
         rank_args = {"rank": info.rank, "world_size": info.world_size}
@@ -143,8 +128,6 @@ def run(cfg: PretrainConfig, dbg: DebugConfig | None = None) -> list[dict]:
                 print(f"done: step {last['step']}  train loss {last['loss']:.4f}{evals}  run dir {run_dir}")
         barrier()
         return history
-    finally:
-        teardown()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,9 @@
-"""Run-time choices every training entry point makes the same way: whether to ``torch.compile`` the model.
+"""The set-up every training entry point shares, in one place, and the choice of whether to ``torch.compile``.
+
+:func:`training_run` is what ``pretrain.run`` and ``finetune.run`` wrap their work in: distributed init, the
+debugger, the refusal of a run that would overwrite checkpoints (before anything is written), and the teardown; its
+:class:`RunContext` prints and saves the resolved config, sets seeds/determinism/TF32, and compiles and DDP-wraps the
+model.
 
 ``train.compile: auto`` (the default) compiles on CUDA, where fusing the many small elementwise kernels of a step and
 removing Python overhead pays for the compile time many times over, and stays eager everywhere a person is looking:
@@ -9,17 +14,61 @@ model) is rarely won back in the short runs people do there. ``true`` / ``false`
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from .debug import debugger_attached
-from .train.distributed import get_rank
+from .config import DebugConfig, config_to_yaml, save_config
+from .debug import debugger_attached, start_debugger
+from .train.distributed import DistInfo, get_rank, init_distributed, teardown, wrap_ddp
+from .train.loop import resolve_start, setup_runtime
 
-if TYPE_CHECKING:
-    from .config import DebugConfig
+
+@dataclass
+class RunContext:
+    """One training run's process-level facts, handed to the entry point by :func:`training_run`."""
+
+    info: DistInfo
+    run_dir: Path
+    dbg: DebugConfig
+
+    def start(self, cfg: Any) -> None:
+        """Print the resolved config (rank 0), then seeds, determinism and TF32: call before building the model."""
+        if self.info.is_main:
+            print(config_to_yaml(cfg), end="", flush=True)
+        setup_runtime(cfg.train, self.info.device)
+
+    def save_config(self, cfg: Any) -> None:
+        """``run_dir/config.yaml`` (rank 0): ``--config`` on it reproduces the run."""
+        if self.info.is_main:
+            save_config(cfg, self.run_dir / "config.yaml")
+
+    def wrap(self, model: nn.Module, compile_setting: bool | str, *, fullgraph: bool = False) -> nn.Module:
+        """The model as it trains: compiled when :func:`compile_decision` says so, then DDP under torchrun."""
+        return wrap_ddp(
+            maybe_compile(model, compile_setting, self.info.device, self.dbg, fullgraph=fullgraph), self.info
+        )
+
+
+@contextlib.contextmanager
+def training_run(cfg: Any, dbg: DebugConfig) -> Iterator[RunContext]:
+    """Distributed init, the debugger (``--debugpy``/``--pycharm-debug``), then refuse early (an existing run without
+    resume/overwrite, a bad resume path) so a refused run changes nothing; the process group is torn down at the end,
+    whatever happens. ``cfg`` is any config with ``train``, ``out_dir`` and ``name``."""
+    info = init_distributed(cfg.train.device)
+    try:
+        start_debugger(dbg, info.rank)
+        run_dir = Path(cfg.out_dir) / cfg.name
+        resolve_start(run_dir, cfg.train)
+        yield RunContext(info, run_dir, dbg)
+    finally:
+        teardown()
 
 
 def compile_decision(setting: bool | str, device: torch.device, dbg: DebugConfig) -> tuple[bool, str]:

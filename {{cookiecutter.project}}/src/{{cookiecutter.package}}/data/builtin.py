@@ -336,8 +336,9 @@ def jsonl_text(records: Iterable[dict]) -> str:
 
 
 def read_jsonl_records(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    from .jsonl import iter_jsonl  # here, not at the top: `python -m <package>.data.builtin` stays light
+
+    return [record for _, record in iter_jsonl(path)]
 
 
 def play_table(corpus: str) -> list[tuple[str, str, int]]:

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from ..config import ConfigError
-from .sft import holdout, read_jsonl
+from .jsonl import iter_jsonl
+from .sft import holdout
 
 LABEL_MAP_FILE = "label_map.json"
 
@@ -49,7 +50,7 @@ def load_rows(path: str | Path, text_key: str = "text", label_key: str = "label"
                 f"{path}: missing column(s) {missing}; the header has {columns} (data.text_key/label_key)"
             )
     elif suffix in (".jsonl", ".json"):
-        rows = read_jsonl(path)
+        rows = list(iter_jsonl(path))
         for lineno, row in rows:
             if not isinstance(row, dict):
                 raise ConfigError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")

@@ -31,6 +31,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from . import builtin
+from .jsonl import iter_jsonl
 from .tokenizer import load_tokenizer, tokenizer_fingerprint, train_tokenizer
 
 DEFAULT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".jsonl")
@@ -46,18 +47,12 @@ def read_text_file(path: str | Path) -> Iterator[str]:
     yield Path(path).read_text(encoding="utf-8", errors="replace")
 
 
-def read_jsonl(path: str | Path, text_key: str = "text") -> Iterator[str]:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-            if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-                raise ValueError(f"{path}:{lineno}: expected an object with a string field {text_key!r}")
-            yield record[text_key]
+def jsonl_texts(path: str | Path, text_key: str = "text") -> Iterator[str]:
+    """The ``text_key`` string of every record of a JSONL corpus file, streamed."""
+    for lineno, record in iter_jsonl(path):
+        if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+            raise ValueError(f"{path}:{lineno}: expected an object with a string field {text_key!r}")
+        yield record[text_key]
 
 
 def source_files(path: str | Path, suffixes: Sequence[str] = DEFAULT_SUFFIXES) -> list[Path]:
@@ -86,7 +81,7 @@ def read_text_dir(
 
 
 def _read_file(file: Path, text_key: str) -> Iterator[str]:
-    return read_jsonl(file, text_key) if file.suffix.lower() == ".jsonl" else read_text_file(file)
+    return jsonl_texts(file, text_key) if file.suffix.lower() == ".jsonl" else read_text_file(file)
 
 
 def iter_documents(

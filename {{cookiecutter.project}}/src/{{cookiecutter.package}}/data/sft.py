@@ -27,7 +27,6 @@ are identical to running each example alone (tests/test_sft.py).
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import ConfigError
+from .jsonl import iter_jsonl
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -50,23 +50,6 @@ Messages = list[dict[str, str]]
 # ----------------------------------------------------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------------------------------------------------
-def read_jsonl(path: str | Path) -> list[tuple[int, Any]]:
-    """(line number, parsed object) for every non-empty line; a malformed line is a one-line ConfigError."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"data file not found: {path}")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
-    return rows
-
-
 def to_messages(record: Any, where: str) -> Messages:
     """Normalize one record to a message list; anything else is a ConfigError naming the line."""
     if not isinstance(record, dict):
@@ -92,7 +75,7 @@ def to_messages(record: Any, where: str) -> Messages:
 
 def load_conversations(path: str | Path) -> list[Messages]:
     """All conversations of an SFT JSONL file (prompt/response lines become a user + assistant pair)."""
-    rows = read_jsonl(path)
+    rows = list(iter_jsonl(path))
     if not rows:
         raise ConfigError(f"{path}: no examples (the file is empty)")
     return [to_messages(obj, f"{path}:{lineno}") for lineno, obj in rows]

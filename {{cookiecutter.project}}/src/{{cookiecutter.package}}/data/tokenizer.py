@@ -18,7 +18,7 @@ and marks the assistant part with a `generation` block, so
 
 from __future__ import annotations
 
-import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -126,7 +126,7 @@ def load_tokenizer(path_or_id: str | Path, *, trust_remote_code: bool = False) -
         if path.suffix != ".json":
             raise ValueError(f"{path}: expected a tokenizer.json file or a tokenizer directory")
         tokenizer: PreTrainedTokenizerBase = _wrap(Tokenizer.from_file(str(path)))
-    elif path.is_dir() or not _looks_like_hub_id(str(path_or_id)):
+    elif path.is_dir() or not looks_like_hub_id(str(path_or_id)):
         if not path.is_dir():
             raise FileNotFoundError(f"tokenizer not found: {path} (no such file or directory)")
         if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
@@ -145,11 +145,16 @@ def load_tokenizer(path_or_id: str | Path, *, trust_remote_code: bool = False) -
     return tokenizer
 
 
-def _looks_like_hub_id(name: str) -> bool:
-    # "org/name" or "name": no leading ./ ../ / ~ and no OS separators beyond the single org/name slash.
-    if name.startswith((".", "/", "~")) or (os.sep != "/" and os.sep in name):
-        return False
-    return name.count("/") <= 1 and bool(name)
+# A Hugging Face Hub repo id: "name" (the legacy canonical repos such as gpt2 or bert-base-uncased still resolve) or
+# "org/name"; each part letters, digits, "-", "_", "." (not leading or trailing "-" or ".", no "--" or ".."), <= 96.
+_HUB_PART = re.compile(r"(?!.*(--|\.\.))[A-Za-z0-9_](?:[\w.-]{0,94}[A-Za-z0-9_])?")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """True for "name" or "org/name" shaped like a Hub repo id: what to fetch when no local path of that name
+    exists. One rule for tokenizers and models (lora.resolve_model_path), so both treat ``gpt2`` the same."""
+    parts = name.split("/")
+    return 1 <= len(parts) <= 2 and all(_HUB_PART.fullmatch(part) for part in parts)
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

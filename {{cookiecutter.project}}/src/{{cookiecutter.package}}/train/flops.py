@@ -4,8 +4,8 @@ MFU = achieved model FLOPs per second / peak FLOPS of the hardware. Hard-coding 
 A100's 312 TFLOPS) reports nonsense elsewhere (> 100 % on an H100), so the peak comes from, in order:
 
 1. ``--train.peak_tflops`` when given (per device);
-2. the table below for known CUDA GPUs (dense bf16 tensor-core numbers from the vendors' data sheets, no
-   sparsity), matched against ``torch.cuda.get_device_name()``;
+2. for bf16 runs, the table below for known CUDA GPUs (dense bf16 tensor-core numbers from the vendors' data
+   sheets, no sparsity), matched against ``torch.cuda.get_device_name()``;
 3. a measurement: the best of a few large matmuls in the training dtype. That is the *achievable* peak (below the
    data-sheet number), so MFU on CPUs and unknown GPUs reads a little high compared with published figures.
 """
@@ -81,13 +81,17 @@ def measure_peak_flops(
     return _measured[key]
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype | None = None, override_tflops: float | None = None) -> float:
-    """Peak FLOPS of one ``device`` for MFU: the override, the GPU table, or a measurement (see module docstring)."""
+def peak_flops(
+    device: torch.device, dtype: torch.dtype | None = None, override_tflops: float | None = None
+) -> tuple[float, str]:
+    """(peak FLOPS of one ``device`` for MFU, where it came from): the override, the GPU table for bf16 (its numbers
+    are dense bf16 tensor-core peaks, wrong for fp32), or a measurement in the run's dtype (see module docstring)."""
     if override_tflops:
-        return override_tflops * 1e12
-    if device.type == "cuda":
+        return override_tflops * 1e12, "override"
+    if device.type == "cuda" and dtype == torch.bfloat16:
         known = lookup_peak_flops(torch.cuda.get_device_name(device))
         if known is not None:
-            return known
-    # 1024^3 matmuls: large enough to reach the kernel's peak, small enough to take ~0.1 s on a laptop CPU.
-    return measure_peak_flops(device, dtype or torch.float32, size=1024)
+            return known, "table"
+    # Large enough to reach the kernel's peak (a GPU needs bigger matrices), small enough to take ~0.1 s on a CPU.
+    size = 4096 if device.type == "cuda" else 1024
+    return measure_peak_flops(device, dtype or torch.float32, size=size), "measured_matmul"

@@ -2,9 +2,11 @@
 
 What it does, in order, every step: draw ``grad_accum`` micro-batches from a :class:`BatchSource`, call
 :func:`.step.train_step` and advance the progress bar. Every ``log_every`` steps (and before an evaluation or a
-checkpoint) it reads the steps' numbers from the device in one go (:class:`StepLog`), logs them (a line, TensorBoard,
-``metrics.jsonl``) and stops on a non-finite step; then, when due, it evaluates, samples and checkpoints. Everything else (building the model, the data, the evaluation and sampling functions) belongs to the
-entry point, which passes plain functions in; there are no callbacks beyond ``evaluate``/``sample``/``save_model``.
+checkpoint) it reads the steps' numbers from the device in one go (:class:`.logger.StepLog`), logs them
+(:class:`.logger.RunLogger`: a line, TensorBoard, ``metrics.jsonl``) and stops on a non-finite step; then, when due,
+it evaluates and samples (:func:`run_eval`) and checkpoints (:func:`save_state`). Resume set-up is :func:`restore`.
+Everything else (building the model, the data, the evaluation and sampling functions) belongs to the entry point,
+which passes plain functions in; there are no callbacks beyond ``evaluate``/``sample``/``save_model``.
 
 Also here: the runtime set-up every entry point calls before building its model (:func:`setup_runtime`: seeds,
 deterministic algorithms, TF32) and the precision choice (:func:`resolve_precision`, :func:`autocast_context`).
@@ -13,13 +15,11 @@ deterministic algorithms, TF32) and the precision choice (:func:`resolve_precisi
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
 import shutil
 import sys
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,8 +32,9 @@ from ..config import ConfigError, OptimConfig, TrainConfig, config_to_dict
 from . import checkpoint as ckpt
 from .distributed import all_gather_object, all_reduce_mean, barrier, get_rank, get_world_size, is_compiled, unwrap
 from .flops import peak_flops
+from .logger import RunLogger, StepLog
 from .optim import build_optimizer, build_scheduler
-from .step import NonFiniteLossError, StepResult, train_step
+from .step import NonFiniteLossError, train_step
 
 # --------------------------------------------------------------------------------------------------------------------
 # The data interface fit() consumes
@@ -191,22 +192,6 @@ def _flops_per_token(model: nn.Module, seq_len: int) -> float:
     return 6.0 * trainable + 4.0 * frozen
 
 
-def _log_line(record: dict, max_steps: int, bar: Any, writer: Any, write: Callable[[str], None]) -> None:
-    """One persistent line (the bar only shows the latest numbers), the bar's numbers and TensorBoard scalars."""
-    step = record["step"]
-    head = f"step {step}/{max_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}"
-    head += f"  grad_norm {record['grad_norm']:.3f}"
-    if "compile_s" in record:
-        write(f"{head}  compiling: {record['compile_s']:.1f} s (throughput is logged from the next step on)")
-        return
-    write(f"{head}  tok/s {record['tokens_per_s']:,.0f}  mfu {100 * record['mfu']:.1f}%")
-    if bar is not None:
-        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
-    if writer is not None:
-        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
-            writer.add_scalar(f"train/{key}", record[key], step)
-
-
 def _due(step: int, every: int, last: bool) -> bool:
     return last or (every > 0 and step % every == 0)
 
@@ -214,17 +199,6 @@ def _due(step: int, every: int, last: bool) -> bool:
 def _params_finite(model: nn.Module) -> bool:
     checks = [torch.isfinite(p).all() for p in model.parameters() if p.is_floating_point()]
     return bool(torch.stack(checks).all()) if checks else True  # one read of the device
-
-
-def _truncate_metrics(path: Path, after_step: int) -> None:
-    """On resume: drop records of steps after the checkpoint (a killed run may have logged a few more)."""
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    keep = [line for line in keep if json.loads(line).get("step", 0) <= after_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _wanted_resume(cfg: TrainConfig, resume: bool | str | Path | None) -> str | Path | None:
@@ -257,54 +231,94 @@ def resolve_start(run_dir: str | Path, cfg: TrainConfig, resume: bool | str | Pa
     return found
 
 
-class StepLog:
-    """The steps since the last read of the device, and the clock of that window.
+def restore(
+    run_dir: Path, cfg: TrainConfig, resume: bool | str | Path | None, model: nn.Module, optimizer, scheduler, source
+) -> int:
+    """Resume set-up: load the checkpoint :func:`resolve_start` picks into the model, optimizer, scheduler, RNG and
+    data source and return its step; or, for a fresh run, clear the run directory's old checkpoints and TensorBoard
+    logs (rank 0; a fresh run owns its directory) and return 0."""
+    ckpt_root = run_dir / "checkpoints"
+    resume_from = resolve_start(run_dir, cfg, resume)
+    if resume_from is None:
+        if _wanted_resume(cfg, resume) == "auto":
+            _notice(f"no checkpoint in {ckpt_root} yet: starting from step 0")
+        if get_rank() == 0:
+            for stale in (ckpt_root, run_dir / "tb"):  # old logs of the same name would interleave with the new curve
+                if stale.exists():
+                    _notice(f"fresh run: removing {stale}")
+                    shutil.rmtree(stale)
+        barrier()
+        return 0
+    rank, world = get_rank(), get_world_size()
+    state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, rank=rank)
+    data = state.get("data")
+    if isinstance(data, list):  # one position per rank
+        if len(data) != world:
+            _notice(f"notice: checkpoint has data positions for {len(data)} ranks, running {world}: reusing")
+        data = data[rank % len(data)]
+    if data is not None:
+        source.load_state_dict(data)
+    _notice(f"resumed from {resume_from} at step {int(state['step'])}")
+    return int(state["step"])
 
-    ``train_step`` leaves its numbers on the device; ``add`` keeps them, ``read`` turns all of them into metrics
-    records with a single device read (so a GPU is waited for once per ``log_every``, not every step) and measures
-    throughput over the window: tokens / wall time from the window's start to that read. Evaluation and checkpoint
-    time is kept out by ``restart`` after them; a compiled model's first step is its own window, logged as compiling.
-    """
 
-    def __init__(self, flops_per_token: float | None, peak: float) -> None:
-        self.fpt, self.peak = flops_per_token, peak
-        self.pending: list[tuple[int, StepResult]] = []
-        self.failed: tuple[int, StepResult] | None = None
-        self.restart()
+def save_state(
+    ckpt_root: Path,
+    step: int,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    source: BatchSource,
+    cfg: TrainConfig,
+    *,
+    config: dict | None = None,
+    extra_state: dict | Callable[[], dict] | None = None,
+    save_model: Callable[[nn.Module, Path], None] | None = None,
+) -> Path | None:
+    """Checkpoint after ``step``: every rank contributes its data position and RNG state, rank 0 writes (atomically,
+    refusing non-finite weights) and returns the path; the others return None."""
+    world = get_world_size()
+    per_rank = all_gather_object({"data": source.state_dict(), "rng": ckpt.rng_state()})
+    path = None
+    if get_rank() == 0:
+        if not _params_finite(model):
+            raise NonFiniteLossError(f"weights are non-finite after step {step}: checkpoint not written")
+        path = ckpt.save_checkpoint(
+            ckpt_root,
+            step,
+            model,
+            optimizer,
+            scheduler,
+            data_state=[r["data"] for r in per_rank] if world > 1 else per_rank[0]["data"],
+            rng=[r["rng"] for r in per_rank] if world > 1 else per_rank[0]["rng"],
+            config=config,
+            extra=extra_state() if callable(extra_state) else extra_state,
+            save_model=save_model,
+            keep=cfg.keep_checkpoints,
+        )
+        _notice(f"checkpoint {path}")
+    barrier()
+    return path
 
-    def restart(self) -> None:
-        self.t0 = time.perf_counter()
 
-    def add(self, step: int, result: StepResult) -> None:
-        self.pending.append((step, result))
-
-    def read(self, *, compiling: bool = False) -> list[dict]:
-        """Records of the pending steps, up to and including the first skipped (non-finite) one, which
-        :meth:`raise_if_failed` then reports."""
-        rows = torch.stack(
-            [torch.stack([r.loss, r.grad_norm, r.tokens, r.finite.float()]) for _, r in self.pending]
-        ).tolist()  # the one device read
-        elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        records = []
-        for (step, result), (loss, grad_norm, tokens, finite) in zip(self.pending, rows, strict=True):
-            records.append({"step": step, "loss": loss, "lr": result.lr, "grad_norm": grad_norm, "tokens": tokens})
-            if not finite:
-                self.failed = (step, result)
-                break
-        tokens_per_s = sum(row[2] for row in rows) / elapsed
-        for record in records:
-            if compiling:
-                record["compile_s"] = elapsed
-            else:  # the window's average: steps are not timed one by one (that would wait for the device)
-                record["tokens_per_s"] = tokens_per_s
-                record["mfu"] = tokens_per_s * (self.fpt or 0.0) / self.peak
-        self.pending.clear()
-        return records
-
-    def raise_if_failed(self) -> None:
-        if self.failed is not None:
-            step, result = self.failed
-            result.check_finite(step)
+def run_eval(
+    model: nn.Module,
+    autocast: contextlib.AbstractContextManager,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None,
+    sample: Callable[[nn.Module], str | list[str]] | None,
+) -> tuple[dict[str, float], str | list[str] | None]:
+    """``evaluate`` (averaged over ranks, keys prefixed ``eval_``) and ``sample`` (rank 0) with the model in eval
+    mode, under ``no_grad`` and autocast; the model's mode is restored afterwards."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast:
+            evals = {f"eval_{k}": all_reduce_mean(v, device) for k, v in (evaluate(model) if evaluate else {}).items()}
+            texts = sample(model) if (sample is not None and get_rank() == 0) else None
+    finally:
+        model.train(was_training)
+    return evals, texts
 
 
 def fit(
@@ -360,134 +374,29 @@ def fit(
     """
     from ..debug import NonFiniteGuard
 
-    optim = optim or OptimConfig()
-    run_dir = Path(run_dir)
-    ckpt_root = run_dir / "checkpoints"
-    rank, world = get_rank(), get_world_size()
-    main = rank == 0
-    raw = unwrap(model)
+    optim, run_dir, raw = optim or OptimConfig(), Path(run_dir), unwrap(model)
     device = next(raw.parameters()).device
-
     optimizer = build_optimizer(raw, optim)
     scheduler = build_scheduler(optimizer, optim, cfg.max_steps)
-
-    # ---- resume, or start fresh (refusing to overwrite checkpoints unless asked to)
-    resume_from = resolve_start(run_dir, cfg, resume)
-    if resume_from is None and _wanted_resume(cfg, resume) == "auto":
-        _notice(f"no checkpoint in {ckpt_root} yet: starting from step 0")
-    start_step = 0
-    if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, raw, optimizer, scheduler, rank=rank)
-        start_step = int(state["step"])
-        data = state.get("data")
-        if isinstance(data, list):  # one position per rank
-            if len(data) != world:
-                _notice(f"notice: checkpoint has data positions for {len(data)} ranks, running {world}: reusing")
-            data = data[rank % len(data)]
-        if data is not None:
-            train_source.load_state_dict(data)
-        _notice(f"resumed from {resume_from} at step {start_step}")
-    elif main:
-        # A fresh run owns its directory: old logs of the same name would interleave with the new curve.
-        for stale in (ckpt_root, run_dir / "tb"):
-            if stale.exists():
-                _notice(f"fresh run: removing {stale}")
-                shutil.rmtree(stale)
-        barrier()
-    else:
-        barrier()
-
+    start_step = restore(run_dir, cfg, resume, raw, optimizer, scheduler, train_source)
     dtype = resolve_precision(device, cfg.precision)
     autocast = autocast_context(device, dtype)
-    peak = peak_flops(device, dtype, cfg.peak_tflops)
-    config_dict = config_to_dict(config) if config is not None else None
-
-    writer = None
-    metrics_path = run_dir / "metrics.jsonl"
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(metrics_path, start_step)
-        if cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
-
-    def save(step: int) -> None:
-        # Every rank contributes its data position and RNG state; rank 0 writes.
-        per_rank = all_gather_object({"data": train_source.state_dict(), "rng": ckpt.rng_state()})
-        if main:
-            if not _params_finite(raw):
-                raise NonFiniteLossError(f"weights are non-finite after step {step}: checkpoint not written")
-            extra = extra_state() if callable(extra_state) else extra_state
-            path = ckpt.save_checkpoint(
-                ckpt_root,
-                step,
-                raw,
-                optimizer,
-                scheduler,
-                data_state=[r["data"] for r in per_rank] if world > 1 else per_rank[0]["data"],
-                rng=[r["rng"] for r in per_rank] if world > 1 else per_rank[0]["rng"],
-                config=config_dict,
-                extra=extra,
-                save_model=save_model,
-                keep=cfg.keep_checkpoints,
-            )
-            _notice(f"checkpoint {path}")
-        barrier()
-
-    def run_eval(step: int, record: dict) -> None:
-        was_training = raw.training
-        raw.eval()
-        try:
-            with torch.no_grad(), autocast:
-                if evaluate is not None:
-                    for key, value in evaluate(raw).items():
-                        record[f"eval_{key}"] = all_reduce_mean(value, device)
-                texts = sample(raw) if (sample is not None and main) else None
-        finally:
-            raw.train(was_training)
-        if not main:
-            return
-        summary = "  ".join(f"{k[5:]} {v:.4g}" for k, v in record.items() if k.startswith("eval_"))
-        if summary:
-            _write(f"eval step {step}: {summary}")
-        for key, value in record.items():
-            if key.startswith("eval_") and writer is not None:
-                writer.add_scalar(f"eval/{key[5:]}", value, step)
-        if texts:
-            texts = [texts] if isinstance(texts, str) else list(texts)
-            for i, text in enumerate(texts):
-                _write(f"--- sample {i} (step {step}) ---\n{text}\n---")
-            if writer is not None:
-                writer.add_text("samples", "\n\n".join(f"    {t}".replace("\n", "\n    ") for t in texts), step)
-
-    bar = None
-    if main and progress:
-        from tqdm.auto import tqdm
-
-        # disable=None: no bar when stderr is not a terminal (CI, log files); the log lines below still appear.
-        bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", dynamic_ncols=True, disable=None)
-
-    def _write(text: str) -> None:
-        if bar is not None:
-            bar.write(text, file=sys.stdout)
-        else:
-            print(text, flush=True)
-
-    history: list[dict] = []
-    log = StepLog(flops_per_token, peak * world)
-    compiling = is_compiled(model)  # the first step of a compiled model compiles it: logged as such, not as speed
+    steps = StepLog(flops_per_token, peak_flops(device, dtype, cfg.peak_tflops)[0] * get_world_size())
+    logger = RunLogger(run_dir, cfg, start_step, main=get_rank() == 0, progress=progress)
+    ckpt_root, checkpoint_kwargs = run_dir / "checkpoints", {"extra_state": extra_state, "save_model": save_model}
+    checkpoint_kwargs["config"] = config_to_dict(config) if config is not None else None
+    compiling = is_compiled(model)  # its first step compiles the model: logged as such, not as throughput
     anomaly = torch.autograd.detect_anomaly(check_nan=True) if cfg.detect_anomaly else contextlib.nullcontext()
     if start_step >= cfg.max_steps:
         _notice(f"already at step {start_step} of train.max_steps={cfg.max_steps}: nothing to train")
+    history: list[dict] = []
     try:
         with NonFiniteGuard(raw, enabled=break_on_nonfinite) as guard, anomaly:
-            for step in range(start_step, cfg.max_steps):
-                done = step + 1  # 1-based, as logged and as checkpoints are named (step-000001 = after 1 update)
-                guard.step = done
+            for step in range(start_step + 1, cfg.max_steps + 1):  # 1-based: step-000001 = after one update
+                guard.step = step
                 batches = [to_device(train_source.next_batch(), device) for _ in range(cfg.grad_accum)]
-                if log.fpt is None:
-                    log.fpt = _flops_per_token(raw, batches[0]["input_ids"].shape[-1])
+                if steps.fpt is None:
+                    steps.fpt = _flops_per_token(raw, batches[0]["input_ids"].shape[-1])
                 result = train_step(
                     model,
                     batches,
@@ -495,35 +404,30 @@ def fit(
                     scheduler,
                     grad_clip=cfg.grad_clip,
                     autocast=autocast,
-                    step=done,
+                    step=step,
                     check_loss=guard.check_loss,
                 )
-                log.add(done, result)
-                if bar is not None:
-                    bar.update(1)  # no numbers: they would wait for the device
-                last = done == cfg.max_steps
-                log_due, eval_due = _due(done, cfg.log_every, last), _due(done, cfg.eval_every, last)
-                save_due = _due(done, cfg.save_every, last)
-                if not (compiling or log_due or save_due or (eval_due and (evaluate or sample))):
-                    continue
-                records = log.read(compiling=compiling)
-                if log.failed is None:
-                    if main and (log_due or compiling):
-                        _log_line(records[-1], cfg.max_steps, bar, writer, _write)
-                    if (evaluate is not None or sample is not None) and eval_due:
-                        run_eval(done, records[-1])
-                if main:
-                    with open(metrics_path, "a", encoding="utf-8") as f:
-                        f.writelines(json.dumps(record) + "\n" for record in records)
+                steps.add(step, result)
+                logger.advance()
+                last = step == cfg.max_steps
+                log_due, save_due = _due(step, cfg.log_every, last), _due(step, cfg.save_every, last)
+                eval_due = (evaluate is not None or sample is not None) and _due(step, cfg.eval_every, last)
+                if not (compiling or log_due or eval_due or save_due):
+                    continue  # nothing to show yet: the device keeps running ahead
+                records = steps.read(compiling=compiling)
+                if steps.failed is None and (log_due or compiling):
+                    logger.train_line(records[-1])
+                if steps.failed is None and eval_due:
+                    evals, texts = run_eval(raw, autocast, evaluate, sample)
+                    records[-1].update(evals)
+                    logger.eval_lines(step, records[-1], texts)
+                logger.append_metrics(records)
                 history.extend(records)
-                log.raise_if_failed()  # before any checkpoint: the skipped step ends the run
-                compiling = False
+                steps.raise_if_failed()  # before any checkpoint: the skipped step ends the run
                 if save_due:
-                    save(done)
-                log.restart()  # evaluation and checkpoint time is not training time
+                    save_state(ckpt_root, step, raw, optimizer, scheduler, train_source, cfg, **checkpoint_kwargs)
+                compiling = False
+                steps.restart()  # evaluation and checkpoint time is not training time
     finally:
-        if bar is not None:
-            bar.close()
-        if writer is not None:
-            writer.close()
+        logger.close()
     return history

@@ -1,0 +1,76 @@
+"""The logging pieces of fit: one device read per window (StepLog) and what a run writes (RunLogger)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from {{ cookiecutter.package }}.train.logger import RunLogger, StepLog
+from {{ cookiecutter.package }}.train.step import NonFiniteLossError, StepResult
+
+
+def _result(loss: float, grad_norm: float = 1.0, tokens: int = 64) -> StepResult:
+    loss_t, norm_t = torch.tensor(loss), torch.tensor(grad_norm)
+    finite = torch.isfinite(loss_t) & torch.isfinite(norm_t)
+    return StepResult(loss=loss_t, grad_norm=norm_t, lr=1e-3, tokens=torch.tensor(float(tokens)), finite=finite)
+
+
+def test_step_log_reads_a_window_into_records():
+    log = StepLog(flops_per_token=10.0, peak_flops=1e6)
+    for step, loss in enumerate([3.0, 2.5, 2.0], start=1):
+        log.add(step, _result(loss))
+    records = log.read()
+    assert [r["step"] for r in records] == [1, 2, 3] and [r["loss"] for r in records] == [3.0, 2.5, 2.0]
+    tok_s = records[0]["tokens_per_s"]
+    assert tok_s > 0 and all(r["tokens_per_s"] == tok_s for r in records)  # the window's average
+    assert records[0]["mfu"] == pytest.approx(tok_s * 10.0 / 1e6)
+    assert not log.pending and log.failed is None
+    log.raise_if_failed()  # nothing to report
+
+
+def test_step_log_stops_at_the_first_skipped_step():
+    log = StepLog(flops_per_token=None, peak_flops=1.0)
+    for step, loss in ((1, 2.0), (2, float("nan")), (3, 1.9)):
+        log.add(step, _result(loss))
+    records = log.read()
+    assert [r["step"] for r in records] == [1, 2]  # up to and including the bad one, nothing after it
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 2"):
+        log.raise_if_failed()
+
+
+def test_step_log_reports_compiling_instead_of_throughput():
+    log = StepLog(flops_per_token=1.0, peak_flops=1.0)
+    log.add(1, _result(2.0))
+    (record,) = log.read(compiling=True)
+    assert record["compile_s"] > 0 and "tokens_per_s" not in record and "mfu" not in record
+
+
+def test_run_logger_truncates_on_resume_and_appends(tmp_path, tiny_train_config, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    stale = [{"step": s, "loss": 1.0} for s in (1, 2, 3, 4)]  # a killed run logged past its checkpoint at step 2
+    torn = '{"step": 5, "lo'  # and died half-way through a line
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stale) + torn)
+    cfg = dataclasses.replace(tiny_train_config, max_steps=4)
+    logger = RunLogger(run_dir, cfg, start_step=2, main=True, progress=False)
+    record = {"step": 3, "loss": 0.5, "lr": 1e-3, "grad_norm": 0.25, "tokens": 64.0, "tokens_per_s": 1e3, "mfu": 0.1}
+    logger.train_line(record)
+    logger.eval_lines(3, {"eval_loss": 0.75}, ["a sample"])
+    logger.append_metrics([record])
+    logger.close()
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3]
+    out = capsys.readouterr().out
+    assert "step 3/4  loss 0.5000" in out and "tok/s 1,000  mfu 10.0%" in out
+    assert "eval step 3: loss 0.75" in out and "a sample" in out
+
+
+def test_run_logger_off_rank_0_writes_nothing(tmp_path, tiny_train_config, capsys):
+    logger = RunLogger(tmp_path / "run", tiny_train_config, 0, main=False, progress=True)
+    logger.train_line({"step": 1, "loss": 1.0, "lr": 1.0, "grad_norm": 1.0, "tokens_per_s": 1.0, "mfu": 0.0})
+    logger.append_metrics([{"step": 1}])
+    logger.close()
+    assert not (tmp_path / "run").exists() and capsys.readouterr().out == ""
