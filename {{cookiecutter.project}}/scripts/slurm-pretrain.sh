@@ -23,6 +23,9 @@ PACKAGE="{{ cookiecutter.package }}"
 CONFIG="${CONFIG:-configs/pretrain.yaml}"
 GPUS_PER_NODE="${SLURM_GPUS_ON_NODE:-8}"
 RDZV_PORT="${RDZV_PORT:-29500}"
+# srun does not inherit --cpus-per-task from sbatch since Slurm 22.05 (sbatch(1), --cpus-per-task): without passing it
+# on, each torchrun launcher is bound to one CPU and its ranks and DataLoader workers share that core.
+CPUS_PER_TASK="${SLURM_CPUS_PER_TASK:?is unset: keep '#SBATCH --cpus-per-task' (srun needs it passed on)}"
 HEAD_NODE="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 
 if [ -f .venv/bin/activate ]; then
@@ -34,7 +37,7 @@ fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
 echo "job $SLURM_JOB_ID: $SLURM_NNODES nodes x $GPUS_PER_NODE GPUs, rendezvous at $HEAD_NODE:$RDZV_PORT"
-srun --kill-on-bad-exit=1 torchrun \
+srun --kill-on-bad-exit=1 --cpus-per-task="$CPUS_PER_TASK" torchrun \
   --nnodes="$SLURM_NNODES" \
   --nproc_per_node="$GPUS_PER_NODE" \
   --rdzv_id="$SLURM_JOB_ID" \
