@@ -163,8 +163,10 @@ def _start_pycharm(address: str) -> None:
             "pip install 'pydevd-pycharm~=<build>' or pip install -e '.[pycharm]'"
         )
     try:
-        # suspend=False: run on until a breakpoint set in PyCharm is hit instead of stopping in this function.
-        pydevd_pycharm.settrace(host, port=port, stdout_to_server=True, stderr_to_server=True, suspend=False)
+        # Positional on purpose: builds up to 252 spell the keywords stdoutToServer/stderrToServer, 253 and later
+        # stdout_to_server/stderr_to_server, but every build since 243 takes (host, stdout, stderr, port, suspend) in
+        # this order. suspend=False: run on until a breakpoint set in PyCharm is hit instead of stopping here.
+        pydevd_pycharm.settrace(host, True, True, port, False)
     except OSError as error:
         _fail(
             f"--pycharm-debug {format_address(host, port)}: cannot connect ({error}); start the 'Python Debug "
