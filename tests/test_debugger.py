@@ -138,7 +138,12 @@ def test_every_launch_configuration_is_covered(project):
     names = {c["name"] for c in launch_configs(project)}
     attach = {c["name"] for c in launch_configs(project) if c["request"] == "attach"}
     assert names == set(RUN_ORDER) | set(NOT_LAUNCHABLE_HERE) | attach
-    assert attach == {"Attach to container (debugpy :5678)", "Attach to local process (debugpy :5678)"}
+    assert attach == {
+        "Attach to container (debugpy :5678)",
+        "Attach to local process (debugpy :5678)",
+        "Attach to torchrun rank 0 (debugpy :5678)",
+        "Attach to torchrun rank 1 (debugpy :5679)",
+    }
 
 
 def run_launch(project: Path, config: dict, breakpoints: dict[str, list[int]], env: dict[str, str] | None = None):
