@@ -129,6 +129,42 @@ def test_devcontainer_settings(baked_projects, name):
     assert f"target={config['workspaceFolder']}," in config["workspaceMount"]
 
 
+# VS Code's order for one setting, lowest first: default, user, remote (the dev container's
+# customizations.vscode.settings), workspace (.vscode/settings.json). A later layer wins.
+PYTHON_DEFAULT_INTERPRETER = "python"  # the Python extension's default: "not set, auto-select"
+
+
+def effective_interpreter(project: Path, layers: list[dict], local_venv: Path | None) -> str:
+    """The interpreter the Python extension picks on the first open: python.defaultInterpreterPath from the highest
+    layer that sets it (a folder means its bin/python), else a virtual environment in the workspace, found by
+    itself (vscode-python auto-selection prefers workspace venvs)."""
+    setting = PYTHON_DEFAULT_INTERPRETER
+    for layer in layers:
+        setting = layer.get("python.defaultInterpreterPath", setting)
+    if setting != PYTHON_DEFAULT_INTERPRETER:
+        path = setting.replace("${workspaceFolder}", str(project))
+        return path if path.endswith("/python") else f"{path}/bin/python"
+    assert local_venv is not None, "nothing set and no workspace venv: VS Code would ask"
+    return str(local_venv / "bin" / "python")
+
+
+@pytest.mark.parametrize("name", [n for n in CONTAINER_COMBOS if COMBINATIONS[n].get("ide", "both") != "pycharm"])
+def test_vscode_picks_the_right_interpreter_locally_and_in_the_container(baked_projects, name):
+    """No click: locally the project's .venv, in the container the image's venv, even with a host-made .venv in the
+    bind-mounted workspace (its base Python does not exist in the container)."""
+    project = baked_projects[name]
+    workspace = json.loads((project / ".vscode" / "settings.json").read_text(encoding="utf-8"))
+    container = devcontainer(project)["customizations"]["vscode"]["settings"]
+    host_venv = project / ".venv"
+    assert effective_interpreter(project, [workspace], host_venv) == str(host_venv / "bin" / "python")
+    _, parser = parse_dockerfile(project)
+    mounted = Path(devcontainer(project)["workspaceFolder"])
+    in_container = effective_interpreter(mounted, [container, workspace], mounted / ".venv")
+    assert in_container == f"{parser.envs['VIRTUAL_ENV']}/bin/python"
+    fights = {k for k in container if k in workspace and workspace[k] != container[k]}
+    assert not fights, f"workspace settings override the container's: {sorted(fights)}"
+
+
 def test_install_command_is_the_readme_and_makefile_one(default_project):
     assert devcontainer(default_project)["postCreateCommand"] == INSTALL
     assert INSTALL in (default_project / "README.md").read_text(encoding="utf-8")

@@ -374,7 +374,6 @@ def test_settings_tasks_extensions(baked_projects):
     for project in ide_projects(baked_projects, ".vscode"):
         vscode = project / ".vscode"
         settings = json.loads((vscode / "settings.json").read_text())
-        assert settings["python.defaultInterpreterPath"] == "${workspaceFolder}/.venv"
         assert settings["python.testing.pytestEnabled"] is True and settings["python.testing.pytestArgs"] == ["tests"]
         assert settings["[python]"]["editor.defaultFormatter"] == "charliermarsh.ruff"
         assert not any(key.startswith("ruff.") and key.endswith("args") for key in settings)  # deprecated
