@@ -38,7 +38,8 @@ def fake_slurm(tmp_path: Path) -> tuple[Path, Path]:
     record = tmp_path / "srun-args"
     scripts = {
         "srun": f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "{record}"\n',
-        "scontrol": '#!/usr/bin/env bash\nprintf "node-a\\nnode-b\\n"\n',
+        # a long node list: a reader that stops after the first line must not kill the script (SIGPIPE + pipefail)
+        "scontrol": '#!/usr/bin/env bash\nprintf "node-a\\nnode-b\\n"\nseq -f "node-%g" 1 50000\n',
     }
     for name, text in scripts.items():
         path = bin_dir / name

@@ -26,7 +26,8 @@ RDZV_PORT="${RDZV_PORT:-29500}"
 # srun does not inherit --cpus-per-task from sbatch since Slurm 22.05 (sbatch(1), --cpus-per-task): without passing it
 # on, each torchrun launcher is bound to one CPU and its ranks and DataLoader workers share that core.
 CPUS_PER_TASK="${SLURM_CPUS_PER_TASK:?is unset: keep '#SBATCH --cpus-per-task' (srun needs it passed on)}"
-HEAD_NODE="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+# sed reads the whole list: `head -n 1` would exit early and, under pipefail, scontrol's SIGPIPE would end the job.
+HEAD_NODE="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"
 
 if [ -f .venv/bin/activate ]; then
   # shellcheck disable=SC1091
