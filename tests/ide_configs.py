@@ -250,3 +250,53 @@ RUN_ORDER = [
     "Generate",
     "Tests (pytest)",
 ]
+
+
+# --------------------------------------------------------------------------------------------- problem matchers
+
+
+@dataclass
+class Problem:
+    file: str
+    line: int | None
+    message: str
+
+
+def problem_pattern(pattern: dict) -> dict:
+    """A single-line problem pattern as VS Code's ProblemPatternParser reads it (problemMatcher.ts): unset groups
+    default to file 1, line 2, column 3, message 0 (only file 1 and message 0 with ``location`` or kind "file"),
+    and a pattern without a file and a message group, or without a line/location group, is rejected."""
+    if not isinstance(pattern, dict) or "regexp" not in pattern:
+        raise ValueError(f"only inline single-line patterns are modelled here, got {pattern!r}")
+    groups = {k: pattern[k] for k in ("file", "location", "line", "column", "message") if k in pattern}
+    kind_file = pattern.get("kind", "location").lower() == "file"
+    defaults = {"file": 1, "message": 0}
+    if "location" not in groups and not kind_file:
+        defaults.update(line=2, column=3)
+    parsed = {**defaults, **groups, "regexp": re.compile(pattern["regexp"]), "kind_file": kind_file}
+    if not kind_file and "location" not in parsed and "line" not in parsed:
+        raise ValueError("the problem pattern must either have kind: 'file' or a line or location match group")
+    return parsed
+
+
+def _group(found: re.Match, pattern: dict, name: str) -> str | None:
+    index = pattern.get(name)
+    return found.group(index).strip() if index is not None and index <= len(found.groups()) else None
+
+
+def match_problems(matcher: dict, lines: list[str]) -> list[Problem]:
+    """The problems VS Code reports for ``lines``: a marker needs a file, a location and a message, the way
+    AbstractLineMatcher.getMarkerMatch builds it."""
+    pattern = problem_pattern(matcher["pattern"])
+    problems = []
+    for text in lines:
+        found = pattern["regexp"].search(text)
+        if not found:
+            continue
+        file, message = _group(found, pattern, "file"), _group(found, pattern, "message")
+        where = _group(found, pattern, "location") or _group(found, pattern, "line")
+        if file and message and (pattern["kind_file"] or where):
+            digits = re.match(r"\d+", where or "")
+            # VS Code's parseInt turns a non-number into NaN and still reports the problem: None here.
+            problems.append(Problem(file, 0 if pattern["kind_file"] else int(digits[0]) if digits else None, message))
+    return problems

@@ -8,18 +8,23 @@ marker, never by number). Each test prints the time from start to the first stop
 
 from __future__ import annotations
 
+import ast
+import inspect
 import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
 from conftest import DEFAULT_PACKAGE, DEFAULT_PROJECT, bake
 from dap import DAPClient, kill_group
 from ide_configs import RUN_ORDER, base_env, launch_configs, pycharm_configs, with_vscode_defaults
+from packaging.specifiers import SpecifierSet
 from pydevd_ide import PydevdIDE
 from test_ide_files import fast_args
 
@@ -133,7 +138,12 @@ def test_every_launch_configuration_is_covered(project):
     names = {c["name"] for c in launch_configs(project)}
     attach = {c["name"] for c in launch_configs(project) if c["request"] == "attach"}
     assert names == set(RUN_ORDER) | set(NOT_LAUNCHABLE_HERE) | attach
-    assert attach == {"Attach to container (debugpy :5678)", "Attach to local process (debugpy :5678)"}
+    assert attach == {
+        "Attach to container (debugpy :5678)",
+        "Attach to local process (debugpy :5678)",
+        "Attach to torchrun rank 0 (debugpy :5678)",
+        "Attach to torchrun rank 1 (debugpy :5679)",
+    }
 
 
 def run_launch(project: Path, config: dict, breakpoints: dict[str, list[int]], env: dict[str, str] | None = None):
@@ -323,6 +333,78 @@ def test_pycharm_debug_server_hits_the_breakpoint(project, tmp_path):
             assert "done: step 1" in ide.console_output()  # stdout went to the IDE's console
         finally:
             program.kill()
+
+
+# The oldest pydevd-pycharm build the project's `pycharm` extra allows (PyPI lists 243.15521.16 as the first 243
+# build; 253 renamed settrace's stdoutToServer/stderrToServer keywords). The newest is whatever PyPI has today.
+OLDEST_PYDEVD_PYCHARM = "243.15521.16"
+
+
+def settrace_signature(archive: Path) -> inspect.Signature:
+    """settrace's signature read from a pydevd-pycharm sdist or wheel without importing (or building) it."""
+    if archive.name.endswith(".whl"):
+        with zipfile.ZipFile(archive) as whl:
+            (name,) = [n for n in whl.namelist() if n == "pydevd.py"]
+            source = whl.read(name).decode("utf-8")
+    else:
+        with tarfile.open(archive) as sdist:
+            (member,) = [m for m in sdist.getmembers() if m.name.count("/") == 1 and m.name.endswith("/pydevd.py")]
+            source = sdist.extractfile(member).read().decode("utf-8")
+    (func,) = [n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == "settrace"]
+    func.body, func.decorator_list, func.returns = [ast.Pass()], [], None
+    module = ast.fix_missing_locations(ast.Module(body=[func], type_ignores=[]))
+    namespace: dict = {}
+    exec(compile(module, str(archive), "exec"), namespace)  # defaults are literals: nothing of pydevd runs
+    return inspect.signature(namespace["settrace"])
+
+
+@pytest.fixture(scope="session")
+def pydevd_pycharm_archives(tmp_path_factory) -> dict[str, Path]:
+    """The oldest allowed and the newest pydevd-pycharm from PyPI, downloaded once per session (no dependencies)."""
+    out = tmp_path_factory.mktemp("pydevd-pycharm")
+    archives = {}
+    for label, requirement in (("oldest", f"pydevd-pycharm=={OLDEST_PYDEVD_PYCHARM}"), ("newest", "pydevd-pycharm")):
+        dest = out / label
+        result = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(dest), requirement],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        if result.returncode != 0:
+            pytest.skip(f"cannot download {requirement} from the package index: {result.stderr.strip()[-300:]}")
+        (archives[label],) = dest.iterdir()
+    return archives
+
+
+def test_pycharm_settrace_call_suits_every_allowed_build(project, pydevd_pycharm_archives):
+    """The entry points' settrace call binds to the same meaning in the oldest allowed and the newest build."""
+    pyproject = (project / "pyproject.toml").read_text(encoding="utf-8")
+    (spec,) = re.findall(r'"pydevd-pycharm([<>=!~][^"]*)"', pyproject)
+    assert SpecifierSet(spec).contains(OLDEST_PYDEVD_PYCHARM) and not SpecifierSet(spec).contains("242.26775.22")
+    debug_py = project / "src" / DEFAULT_PACKAGE / "debug.py"
+    (call,) = [
+        node
+        for node in ast.walk(ast.parse(debug_py.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "pydevd_pycharm.settrace"
+    ]
+    args = [ast.unparse(a) for a in call.args]
+    kwargs = {k.arg: ast.unparse(k.value) for k in call.keywords}
+    for label, archive in pydevd_pycharm_archives.items():
+        signature = settrace_signature(archive)
+        try:
+            bound = signature.bind(*args, **kwargs).arguments
+        except TypeError as error:
+            raise AssertionError(f"{archive.name} ({label}): settrace{signature} rejects the call: {error}") from None
+        meaning = {name.replace("_", "").lower(): value for name, value in bound.items()}
+        assert meaning == {
+            "host": "host",
+            "stdouttoserver": "True",
+            "stderrtoserver": "True",
+            "port": "port",
+            "suspend": "False",
+        }, f"{archive.name} ({label}): {bound}"
 
 
 def test_timings_are_reported(request, capsys):

@@ -129,6 +129,42 @@ def test_devcontainer_settings(baked_projects, name):
     assert f"target={config['workspaceFolder']}," in config["workspaceMount"]
 
 
+# VS Code's order for one setting, lowest first: default, user, remote (the dev container's
+# customizations.vscode.settings), workspace (.vscode/settings.json). A later layer wins.
+PYTHON_DEFAULT_INTERPRETER = "python"  # the Python extension's default: "not set, auto-select"
+
+
+def effective_interpreter(project: Path, layers: list[dict], local_venv: Path | None) -> str:
+    """The interpreter the Python extension picks on the first open: python.defaultInterpreterPath from the highest
+    layer that sets it (a folder means its bin/python), else a virtual environment in the workspace, found by
+    itself (vscode-python auto-selection prefers workspace venvs)."""
+    setting = PYTHON_DEFAULT_INTERPRETER
+    for layer in layers:
+        setting = layer.get("python.defaultInterpreterPath", setting)
+    if setting != PYTHON_DEFAULT_INTERPRETER:
+        path = setting.replace("${workspaceFolder}", str(project))
+        return path if path.endswith("/python") else f"{path}/bin/python"
+    assert local_venv is not None, "nothing set and no workspace venv: VS Code would ask"
+    return str(local_venv / "bin" / "python")
+
+
+@pytest.mark.parametrize("name", [n for n in CONTAINER_COMBOS if COMBINATIONS[n].get("ide", "both") != "pycharm"])
+def test_vscode_picks_the_right_interpreter_locally_and_in_the_container(baked_projects, name):
+    """No click: locally the project's .venv, in the container the image's venv, even with a host-made .venv in the
+    bind-mounted workspace (its base Python does not exist in the container)."""
+    project = baked_projects[name]
+    workspace = json.loads((project / ".vscode" / "settings.json").read_text(encoding="utf-8"))
+    container = devcontainer(project)["customizations"]["vscode"]["settings"]
+    host_venv = project / ".venv"
+    assert effective_interpreter(project, [workspace], host_venv) == str(host_venv / "bin" / "python")
+    _, parser = parse_dockerfile(project)
+    mounted = Path(devcontainer(project)["workspaceFolder"])
+    in_container = effective_interpreter(mounted, [container, workspace], mounted / ".venv")
+    assert in_container == f"{parser.envs['VIRTUAL_ENV']}/bin/python"
+    fights = {k for k in container if k in workspace and workspace[k] != container[k]}
+    assert not fights, f"workspace settings override the container's: {sorted(fights)}"
+
+
 def test_install_command_is_the_readme_and_makefile_one(default_project):
     assert devcontainer(default_project)["postCreateCommand"] == INSTALL
     assert INSTALL in (default_project / "README.md").read_text(encoding="utf-8")
@@ -190,20 +226,87 @@ def test_dockerfile_structure(baked_projects, name):
     assert envs["PATH"].startswith(envs["VIRTUAL_ENV"] + "/bin:")
     assert args["PYTHON_VERSION"] == answers["python_version"]
     assert 'uv venv --seed --python "${PYTHON_VERSION}" "${VIRTUAL_ENV}"' in run
-    # The torch wheel matches the CUDA major: 13.x from PyPI, 12.x from the matching PyTorch index.
+    # The NVIDIA runtime checks the driver against NVIDIA_REQUIRE_CUDA: only the major line torch's runtime needs.
     major, minor = (int(x) for x in answers["cuda_version"].split(".")[:2])
+    assert envs["NVIDIA_REQUIRE_CUDA"] == f"cuda>={major}.0"
+    # No index variables: pip would merge them with PyPI and take the highest version, whatever CUDA it needs.
+    assert "PIP_EXTRA_INDEX_URL" not in envs and "PIP_INDEX_URL" not in envs
+    torch_runs = [r for r in (item["value"] for item in target if item["instruction"] == "RUN") if "torch" in r]
     if major == 12:
-        expected = "cu128" if minor >= 8 else "cu126"
-        assert envs["PIP_EXTRA_INDEX_URL"] == f"https://download.pytorch.org/whl/{expected}"
+        (install,) = torch_runs
+        index = "cu128" if minor >= 8 else "cu126"
+        assert install.endswith(f"--index-url https://download.pytorch.org/whl/{index}"), install
+        assert f'"{project_torch_requirement(project)}"' in install, "the project's own torch requirement"
+        assert run.index("uv venv") < run.index(install), "into the venv, before the install command runs"
     else:
-        assert "PIP_EXTRA_INDEX_URL" not in envs and "PIP_INDEX_URL" not in envs
+        assert not torch_runs, "PyPI's torch wheels are built for CUDA 13"
 
 
-def test_cuda12_gets_the_cu128_wheel_index(baked_projects):
+def project_torch_requirement(project: Path) -> str:
+    (requirement,) = re.findall(r'"(torch[<>=!~][^"]*)"', (project / "pyproject.toml").read_text(encoding="utf-8"))
+    return requirement
+
+
+def test_cuda12_installs_torch_from_the_cuda12_index(baked_projects):
     """The py310-cuda12 combination (12.8.1) is the case the parametrized check above must have met."""
     _, parser = parse_dockerfile(baked_projects["py310-cuda12"])
-    assert parser.envs["PIP_EXTRA_INDEX_URL"].endswith("/cu128")
-    assert "PIP_EXTRA_INDEX_URL" not in parse_dockerfile(baked_projects["defaults"])[1].envs
+    assert "/whl/cu128" in parser.content and parser.envs["NVIDIA_REQUIRE_CUDA"] == "cuda>=12.0"
+    assert "download.pytorch.org" not in parse_dockerfile(baked_projects["defaults"])[1].content
+
+
+# NVIDIA's minimum driver per CUDA major for minor version compatibility (Linux), from
+# https://docs.nvidia.com/deploy/cuda-compatibility/minor-version-compatibility.html (Table 1).
+DRIVER_MINIMUM = {12: 525, 13: 580}
+
+
+def docs_of(project: Path) -> str:
+    return (project / "docs" / "ide-and-containers.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("name", CONTAINER_COMBOS)
+def test_docs_state_the_gpu_host_requirements(baked_projects, name):
+    project = baked_projects[name]
+    cuda = answers_of(project)["cuda_version"]
+    docs = docs_of(project)
+    assert f"driver **{DRIVER_MINIMUM[int(cuda.split('.')[0])]} or newer**" in docs
+    assert "needs only the NVIDIA driver" not in docs
+    for step in (
+        "nvidia-container-toolkit",
+        "sudo nvidia-ctk runtime configure --runtime=docker",
+        f"docker run --rm --gpus all nvidia/cuda:{cuda}-base-ubuntu24.04 nvidia-smi",
+    ):
+        assert step in docs, step
+
+
+def test_docs_say_what_the_tools_really_do(default_project):
+    """GPU detection, port forwarding, debug addresses and PyCharm menus as their own documentation describes them."""
+    docs = " ".join(docs_of(default_project).split())  # phrases may wrap
+    config_text = (default_project / ".devcontainer" / "devcontainer.json").read_text(encoding="utf-8")
+    required = [
+        # --gpus is added on an nvidia runtime, GPU or not; the overrides
+        "vscode-remote-release/issues/10307",
+        "vscode-remote-release/issues/9385",
+        '"dev.containers.gpuAvailability": "all" | "detect" | "none"',
+        "--gpu-availability all|detect|none",
+        # the CLI forwards no ports; publish on loopback instead
+        "devcontainers/cli/issues/186",
+        '"appPort": ["127.0.0.1:6006:6006", "127.0.0.1:5678:5678"]',
+        # debugpy stays on 127.0.0.1 in the container unless published another way
+        "--debug --debugpy 5678 --wait-for-client # prints: debugpy listening on 127.0.0.1:5678",
+        # PyCharm in the dev container: its debug server listens there
+        "--pycharm-debug localhost:5679`",
+        # documented PyCharm routes, and what needs Professional
+        "*Create Dev Container and Mount Sources*",
+        "**Remote Development > Dev Containers**",
+        "PyCharm Professional features",
+    ]
+    missing = [phrase for phrase in required if phrase not in docs]
+    assert not missing, missing
+    for wrong in ("File | Remote Development", "so the container also opens on a laptop", "pick `/home/dev/.venv"):
+        assert wrong not in docs, wrong
+    assert "0.0.0.0" not in config_text and "devcontainers/cli#186" in config_text
+    server = (default_project / ".idea" / "runConfigurations" / "Python_Debug_Server.xml").read_text(encoding="utf-8")
+    assert "localhost when PyCharm works in the dev container" in " ".join(server.split())
 
 
 @pytest.mark.parametrize("name", CONTAINER_COMBOS)

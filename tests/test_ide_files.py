@@ -4,9 +4,11 @@ the command the IDE would run and run (debug profile, a couple of steps)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 import xml.etree.ElementTree as ET
@@ -21,6 +23,7 @@ from ide_configs import (
     iml_path,
     iml_roots,
     launch_configs,
+    match_problems,
     pycharm_command,
     pycharm_configs,
     resolve,
@@ -242,11 +245,110 @@ def test_launch_json_matches_schema_and_entry_points(baked_projects):
         (debug_test,) = [c for c in configs.values() if "debug-test" in c.get("purpose", [])]
         assert debug_test["request"] == "launch"
         attaches = [c for c in configs.values() if c["request"] == "attach"]
-        container = [c for c in attaches if c.get("pathMappings")]
-        assert container and all(c["connect"]["port"] == 5678 for c in attaches)
-        (mapping,) = container[0]["pathMappings"]
+        (container,) = [c for c in attaches if c.get("pathMappings")]
+        assert container["connect"]["port"] == 5678
+        (mapping,) = container["pathMappings"]
         assert mapping == {"localRoot": "${workspaceFolder}", "remoteRoot": f"/workspaces/{project.name}"}
-        assert any(not c.get("pathMappings") for c in attaches), "a plain local attach"
+        assert all(c["connect"]["host"] in ("127.0.0.1", "localhost") for c in attaches)
+
+
+def test_local_attach_starts_the_waiting_task(baked_projects):
+    """ "Attach to local process" first runs the task that starts training paused on the port it attaches to."""
+    for project in ide_projects(baked_projects, ".vscode"):
+        (attach,) = [c for c in launch_configs(project) if c["name"].startswith("Attach to local process")]
+        (task,) = [t for t in tasks(project) if t["label"] == attach.get("preLaunchTask")]
+        command = vscode_task_command(task, project, "python")
+        host, port = command.argv[command.argv.index("--debugpy") + 1].rsplit(":", 1)
+        assert "--wait-for-client" in command.argv and attach["connect"] == {"host": host, "port": int(port)}
+        # VS Code starts the debug session once the background task's matcher reports the end of its start-up.
+        assert task["isBackground"] is True
+        background = task["problemMatcher"]["background"]
+        assert background["activeOnStart"] is True
+        assert re.search(background["endsPattern"], f"debugpy listening on {host}:{port}")
+
+
+def test_torchrun_compound_attaches_rank_0_and_1(baked_projects):
+    """torchrun ranks listen on PORT + RANK (debug.py): the compound attaches to 5678 and 5679 at once."""
+    for project in ide_projects(baked_projects, ".vscode"):
+        launch = json.loads((project / ".vscode" / "launch.json").read_text())
+        configs = {c["name"]: c for c in launch["configurations"]}
+        (compound,) = [c for c in launch["compounds"] if "torchrun" in c["name"]]
+        members = [configs[name] for name in compound["configurations"]]
+        assert [m["request"] for m in members] == ["attach", "attach"]
+        assert [m["connect"] for m in members] == [{"host": "127.0.0.1", "port": 5678 + rank} for rank in (0, 1)]
+        assert not any("preLaunchTask" in m for m in members), "each rank is started by torchrun, not per session"
+
+
+def tasks_validator():
+    jsonschema = pytest.importorskip("jsonschema")
+    path = SCHEMAS / "tasks.schema.json"
+    if not path.is_file():
+        pytest.skip(f"{path} is missing (see tests/schemas/SOURCES.md)")
+    return jsonschema.Draft7Validator(json.loads(path.read_text(encoding="utf-8")))
+
+
+def schema_errors(validator, instance) -> list[str]:
+    """The innermost errors (oneOf branches report their own), one line each."""
+
+    def leaves(error):
+        if not error.context:
+            yield error
+        for child in error.context:
+            yield from leaves(child)
+
+    return sorted(
+        {f"{list(e.absolute_path)}: {e.message[:160]}" for top in validator.iter_errors(instance) for e in leaves(top)}
+    )
+
+
+def test_tasks_schema_rejects_what_vs_code_rejects():
+    validator = tasks_validator()
+    task = {"label": "t", "type": "process", "command": "python"}
+    assert not schema_errors(validator, {"version": "2.0.0", "tasks": [task]})
+    background = {"activatesOnStart": True, "beginsPattern": "a", "endsPattern": "b"}
+    for bad in (
+        {
+            "version": "2.0.0",
+            "tasks": [{**task, "problemMatcher": {"pattern": {"regexp": "x"}, "background": background}}],
+        },
+        {"version": "2.0.0", "tasks": [{**task, "isBackgrond": True}]},
+        {"version": "2.0.0", "tasks": [{"label": "t", "type": "process"}]},  # a process task needs a command
+        {"version": "2.0.0", "tasks": [{**task, "group": {"kind": "tests"}}]},
+        {"tasks": [task]},
+    ):
+        assert schema_errors(validator, bad), bad
+
+
+def test_tasks_json_matches_vscode_schema(baked_projects):
+    validator = tasks_validator()
+    for project in ide_projects(baked_projects, ".vscode"):
+        errors = schema_errors(validator, json.loads((project / ".vscode" / "tasks.json").read_text()))
+        assert not errors, f"{project.name}: " + "\n".join(errors)
+
+
+def test_task_problem_matchers_report_real_files(default_project):
+    """Run through VS Code's matching rules, every problem a task's matcher reports names a file that exists and a
+    line number: here on a real traceback out of the project's code and on the entry points' one-line errors."""
+    crash = subprocess.run(
+        [sys.executable, "-c", f"from {DEFAULT_PACKAGE}.debug import parse_address; parse_address('host:port')"],
+        cwd=default_project,
+        env={**base_env(), "PYTHONPATH": str(default_project / "src")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert "Traceback" in crash.stderr, crash.stderr
+    one_line_error = "error: --debugpy: invalid address 'host:port': expected [HOST:]PORT with PORT in 0..65535"
+    output = [*crash.stderr.splitlines(), one_line_error]
+    debug_py = default_project / "src" / DEFAULT_PACKAGE / "debug.py"
+    matchers = [t["problemMatcher"] for t in tasks(default_project) if isinstance(t.get("problemMatcher"), dict)]
+    assert matchers, "the background task needs a matcher (VS Code waits for its endsPattern)"
+    for matcher in matchers:
+        problems = match_problems(matcher, output)
+        for problem in problems:
+            assert Path(problem.file).is_file() and isinstance(problem.line, int), problem
+        assert any(Path(p.file) == debug_py and p.message == "parse_address" for p in problems), problems
 
 
 def test_both_ides_run_the_same_commands(default_project):
@@ -272,7 +374,6 @@ def test_settings_tasks_extensions(baked_projects):
     for project in ide_projects(baked_projects, ".vscode"):
         vscode = project / ".vscode"
         settings = json.loads((vscode / "settings.json").read_text())
-        assert settings["python.defaultInterpreterPath"] == "${workspaceFolder}/.venv"
         assert settings["python.testing.pytestEnabled"] is True and settings["python.testing.pytestArgs"] == ["tests"]
         assert settings["[python]"]["editor.defaultFormatter"] == "charliermarsh.ruff"
         assert not any(key.startswith("ruff.") and key.endswith("args") for key in settings)  # deprecated
@@ -407,9 +508,7 @@ def test_vscode_tasks_run(run_project):
             try:
                 match = program.wait_line(LISTEN, timeout=120)
                 host, port = match.group(1), int(match.group(2))
-                (local_attach,) = [
-                    c for c in launch_configs(run_project) if c["request"] == "attach" and not c.get("pathMappings")
-                ]
+                (local_attach,) = [c for c in launch_configs(run_project) if c.get("preLaunchTask") == task["label"]]
                 attach = with_vscode_defaults(local_attach, run_project)
                 task_port = int(command.argv[command.argv.index("--debugpy") + 1].rsplit(":", 1)[1])
                 assert attach["connect"] == {"host": "127.0.0.1", "port": task_port}

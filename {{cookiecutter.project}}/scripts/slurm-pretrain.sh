@@ -23,7 +23,11 @@ PACKAGE="{{ cookiecutter.package }}"
 CONFIG="${CONFIG:-configs/pretrain.yaml}"
 GPUS_PER_NODE="${SLURM_GPUS_ON_NODE:-8}"
 RDZV_PORT="${RDZV_PORT:-29500}"
-HEAD_NODE="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+# srun does not inherit --cpus-per-task from sbatch since Slurm 22.05 (sbatch(1), --cpus-per-task): without passing it
+# on, each torchrun launcher is bound to one CPU and its ranks and DataLoader workers share that core.
+CPUS_PER_TASK="${SLURM_CPUS_PER_TASK:?is unset: keep '#SBATCH --cpus-per-task' (srun needs it passed on)}"
+# sed reads the whole list: `head -n 1` would exit early and, under pipefail, scontrol's SIGPIPE would end the job.
+HEAD_NODE="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"
 
 if [ -f .venv/bin/activate ]; then
   # shellcheck disable=SC1091
@@ -34,7 +38,7 @@ fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
 echo "job $SLURM_JOB_ID: $SLURM_NNODES nodes x $GPUS_PER_NODE GPUs, rendezvous at $HEAD_NODE:$RDZV_PORT"
-srun --kill-on-bad-exit=1 torchrun \
+srun --kill-on-bad-exit=1 --cpus-per-task="$CPUS_PER_TASK" torchrun \
   --nnodes="$SLURM_NNODES" \
   --nproc_per_node="$GPUS_PER_NODE" \
   --rdzv_id="$SLURM_JOB_ID" \

@@ -280,8 +280,8 @@ _DEBUG_HELP = {
     "debug": "debug profile: tiny model, few steps, num_workers=0, deterministic + fixed seed, no compile, no AMP, "
     "anomaly detection, eval every step",
     "debugpy": "start a debugpy server on [HOST:]PORT (default host 127.0.0.1; port 0 = a free port, printed). "
-    "0.0.0.0 lets anyone who reaches the port run code: use it only in a container whose port is forwarded to "
-    "localhost",
+    "Editor port forwarding reaches 127.0.0.1 in a dev container; 0.0.0.0 lets anyone who reaches the port run "
+    "code: use it only in a container whose port is published on the host's 127.0.0.1 (docker run -p)",
     "wait_for_client": "with --debugpy: block until the IDE attaches",
     "debugpy_all_ranks": "under torchrun every rank listens on PORT + RANK (--no-debugpy-all-ranks: rank 0 only)",
     "pycharm_debug": "connect to PyCharm's Python Debug Server at HOST:PORT (pip install pydevd-pycharm)",

@@ -7,8 +7,9 @@
 - ``--break-on-nonfinite`` installs :class:`NonFiniteGuard`: the first NaN/Inf activation, loss or gradient is
   reported with the module that produced it, then the debugger stops there (or a clear error ends the run).
 
-Security: a debugpy port lets whoever reaches it run arbitrary code in this process. The default host is 127.0.0.1;
-bind 0.0.0.0 only inside a container whose port is forwarded to the host's loopback (the dev container does that).
+Security: a debugpy port lets whoever reaches it run arbitrary code in this process. The default host is 127.0.0.1,
+which the editor's port forwarding reaches inside the dev container too; bind 0.0.0.0 only in a container whose port
+is published another way (``docker run -p 127.0.0.1:5678:5678``), never on a shared host.
 
 Testing hook: ``<PACKAGE>_INJECT_NAN_AT=MODULE:STEP`` (for the default project ``LLM_LAB_INJECT_NAN_AT``), e.g.
 ``layers.1.mlp:1``, replaces one element of that module's output with NaN at that training step (numbered as the
@@ -159,8 +160,10 @@ def _start_pycharm(address: str) -> None:
             "pip install 'pydevd-pycharm~=<build>' or pip install -e '.[pycharm]'"
         )
     try:
-        # suspend=False: run on until a breakpoint set in PyCharm is hit instead of stopping in this function.
-        pydevd_pycharm.settrace(host, port=port, stdout_to_server=True, stderr_to_server=True, suspend=False)
+        # Positional on purpose: builds up to 252 spell the keywords stdoutToServer/stderrToServer, 253 and later
+        # stdout_to_server/stderr_to_server, but every build since 243 takes (host, stdout, stderr, port, suspend) in
+        # this order. suspend=False: run on until a breakpoint set in PyCharm is hit instead of stopping here.
+        pydevd_pycharm.settrace(host, True, True, port, False)
     except OSError as error:
         fail(
             f"--pycharm-debug {format_address(host, port)}: cannot connect ({error}); start the 'Python Debug "
