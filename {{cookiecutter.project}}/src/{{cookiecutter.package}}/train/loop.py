@@ -246,7 +246,7 @@ def resolve_start(run_dir: str | Path, cfg: TrainConfig, resume: bool | str | Pa
     root = Path(run_dir) / "checkpoints"
     want = _wanted_resume(cfg, resume)
     try:
-        found = ckpt.resolve_resume(want, root)
+        found = ckpt.resolve_resume(want, root, log=_notice)
     except FileNotFoundError as err:
         raise ConfigError(str(err)) from err
     if found is None and want is None and ckpt.list_checkpoints(root) and not cfg.overwrite:
@@ -374,7 +374,7 @@ def fit(
     # ---- resume, or start fresh (refusing to overwrite checkpoints unless asked to)
     resume_from = resolve_start(run_dir, cfg, resume)
     if resume_from is None and _wanted_resume(cfg, resume) == "auto":
-        _notice(f"no checkpoint in {ckpt_root} yet: starting from step 0")
+        _notice(f"no intact checkpoint in {ckpt_root}: starting from step 0")
     start_step = 0
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, raw, optimizer, scheduler, rank=rank)
@@ -388,8 +388,9 @@ def fit(
             train_source.load_state_dict(data)
         _notice(f"resumed from {resume_from} at step {start_step}")
     elif main:
-        # A fresh run owns its directory: old logs of the same name would interleave with the new curve.
-        for stale in (ckpt_root, run_dir / "tb"):
+        # A fresh run owns its directory: old logs of the same name would interleave with the new curve. Checkpoints
+        # go only when asked to (overwrite): after "auto" found none intact, the damaged ones stay to be inspected.
+        for stale in (ckpt_root, run_dir / "tb") if cfg.overwrite else (run_dir / "tb",):
             if stale.exists():
                 _notice(f"fresh run: removing {stale}")
                 shutil.rmtree(stale)
