@@ -6,6 +6,7 @@ Everything is sized to run in well under a second per use on one CPU core. Appen
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +153,27 @@ def ft_hf_dir(tmp_path_factory: pytest.TempPathFactory, ft_tokenizer) -> Path:
         init_std=0.2,
     )  # fmt: skip
     return export_hf(LlamaLM(cfg), tmp_path_factory.mktemp("ft-base") / "hf", ft_tokenizer)
+
+
+# ---- damaged checkpoints (test_checkpoint, test_resume) ----------------------------------------------------------
+
+
+@pytest.fixture(params=["truncated", "zero-length", "bit-flipped"])
+def damage(request: pytest.FixtureRequest):
+    """``damage(file)`` truncates, empties or flips one bit in the middle of ``file`` (one kind per test case) and
+    returns a regular expression for what the checkpoint check must say about it."""
+
+    def apply(file: Path) -> str:
+        data = file.read_bytes()
+        name = re.escape(file.name)
+        if request.param == "bit-flipped":
+            flipped = bytearray(data)
+            flipped[len(data) // 2] ^= 0x10
+            file.write_bytes(bytes(flipped))
+            digest = r"[0-9a-f]{12}\.\.\."  # (not an f-string: its doubled braces would be template syntax)
+            return rf"{name} has sha256 {digest}, manifest says {digest}: its bytes changed"
+        kept = data[: len(data) // 2] if request.param == "truncated" else b""
+        file.write_bytes(kept)
+        return rf"{name} is {len(kept)} bytes, manifest says {len(data)}"
+
+    return apply

@@ -1,15 +1,19 @@
-"""Checkpoints: complete state round trip, tied weights, weights-only loading, atomic publication, crash safety."""
+"""Checkpoints: complete state round trip, tied weights, weights-only loading, atomic publication, crash safety,
+self-verification (manifest, damaged files refused or skipped, never deleted)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
+import re
 
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 
-from {{ cookiecutter.package }}.config import OptimConfig
+from {{ cookiecutter.package }}.config import ConfigError, OptimConfig
 from {{ cookiecutter.package }}.model.lm import LlamaLM
 from {{ cookiecutter.package }}.train import checkpoint as ckpt
 from {{ cookiecutter.package }}.train.optim import build_optimizer, build_scheduler
@@ -186,3 +190,124 @@ def test_resave_same_step_replaces_atomically(tmp_path, tiny_model, tiny_model_c
     ckpt.load_checkpoint(path, fresh)
     assert torch.all(fresh.norm.weight == 3.0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-000004"]
+
+
+# ---- self-verifying checkpoints ------------------------------------------------------------------------------------
+
+
+def test_manifest_lists_every_file_with_size_and_sha256(tmp_path, tiny_model):
+    def save_adapter(model, directory):
+        (directory / "adapter").mkdir()
+        (directory / "adapter" / "adapter_config.json").write_text('{"r": 4}')
+
+    path = ckpt.save_checkpoint(tmp_path, 3, tiny_model, save_model=save_adapter)
+    manifest = json.loads((path / ckpt.MANIFEST_FILE).read_text())
+    files = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {ckpt.MANIFEST_FILE}
+    assert manifest["format"] == 1 and set(manifest["files"]) == files
+    assert files == {ckpt.MODEL_FILE, ckpt.TRAINER_FILE, "adapter/adapter_config.json"}
+    for name, entry in manifest["files"].items():
+        data = (path / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
+
+
+def test_damaged_checkpoint_is_refused_and_skipped(tmp_path, tiny_model, tiny_model_config, damage):
+    older = ckpt.save_checkpoint(tmp_path, 1, tiny_model)
+    newer = ckpt.save_checkpoint(tmp_path, 2, tiny_model)
+    problem = damage(newer / ckpt.MODEL_FILE)
+    damaged_bytes = (newer / ckpt.MODEL_FILE).read_bytes()
+
+    fresh = LlamaLM(tiny_model_config)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    refusal = rf"damaged checkpoint {re.escape(str(newer))}: {problem} \(resume from another checkpoint; .*\)"
+    with pytest.raises(ckpt.DamagedCheckpointError) as err:
+        ckpt.load_checkpoint(newer, fresh)
+    assert re.fullmatch(refusal, str(err.value))
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())  # refused before loading anything
+    for read in (ckpt.load_trainer_state, lambda p: ckpt.resolve_resume(str(p), tmp_path)):
+        with pytest.raises(ConfigError, match=re.escape(str(newer))):  # entry points turn it into exit 2
+            read(newer)
+
+    notices = []
+    assert ckpt.resolve_resume("auto", tmp_path, log=notices.append) == older
+    assert ckpt.resolve_resume(str(tmp_path), tmp_path, log=notices.append) == older  # a named run: its newest intact
+    assert len(notices) == 1  # reported once per process, however often it is resolved
+    assert re.fullmatch(rf"skipping damaged checkpoint {re.escape(str(newer))}: {problem}", notices[0])
+    assert (newer / ckpt.MODEL_FILE).read_bytes() == damaged_bytes  # nothing deleted or repaired
+    assert ckpt.latest_checkpoint(tmp_path) == newer  # the pointer is left alone too
+
+
+def test_no_intact_checkpoint_means_a_fresh_start_for_auto_and_an_error_for_a_named_run(tmp_path, tiny_model):
+    for step in (1, 2):
+        path = ckpt.save_checkpoint(tmp_path, step, tiny_model)
+        (path / ckpt.TRAINER_FILE).write_bytes(b"")
+    notices = []
+    assert ckpt.resolve_resume("auto", tmp_path, log=notices.append) is None
+    assert [n.split(":")[0] for n in notices] == [
+        f"skipping damaged checkpoint {tmp_path / 'step-000002'}",
+        f"skipping damaged checkpoint {tmp_path / 'step-000001'}",
+    ]
+    with pytest.raises(ckpt.DamagedCheckpointError, match="every checkpoint in .* is damaged"):
+        ckpt.resolve_resume(str(tmp_path), tmp_path)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-000001", "step-000002"]
+
+
+@pytest.mark.parametrize(
+    ("spoil", "problem"),
+    [
+        (lambda p: (p / ckpt.TRAINER_FILE).unlink(), "trainer.pt is missing"),
+        (lambda p: (p / ckpt.MANIFEST_FILE).write_text("{"), "manifest.json is unreadable (Expecting"),
+        (lambda p: (p / ckpt.MANIFEST_FILE).write_text('{"format": 7}'), "manifest.json has format 7, this version"),
+    ],
+)
+def test_a_published_checkpoint_with_a_broken_manifest_or_a_lost_file_is_damaged(tmp_path, tiny_model, spoil, problem):
+    path = ckpt.save_checkpoint(tmp_path, 1, tiny_model)
+    spoil(path)
+    assert ckpt.list_checkpoints(tmp_path) == [path]  # still listed, so it is reported rather than silently ignored
+    with pytest.raises(ckpt.DamagedCheckpointError, match=re.escape(problem)):
+        ckpt.verify_checkpoint(path)
+
+
+def test_checkpoint_without_manifest_loads_unverified_with_a_notice(tmp_path, tiny_model, tiny_model_config):
+    path = ckpt.save_checkpoint(tmp_path, 4, tiny_model, data_state={"step": 4})
+    (path / ckpt.MANIFEST_FILE).unlink()  # as saved before checkpoints had manifests
+    notices = []
+    assert ckpt.resolve_resume("auto", tmp_path, log=notices.append) == path
+    assert ckpt.resolve_resume(str(path), tmp_path, log=notices.append) == path
+    assert notices == [f"notice: {path} has no manifest.json (saved by an older version): using it unverified"]
+    fresh = LlamaLM(tiny_model_config)
+    assert ckpt.load_checkpoint(path, fresh)["data"] == {"step": 4}
+    assert torch.equal(fresh.norm.weight, tiny_model.norm.weight)
+
+
+def test_retention_neither_counts_nor_deletes_damaged_checkpoints(tmp_path, tiny_model):
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(tmp_path, step, tiny_model)
+    (tmp_path / "step-000003" / ckpt.MODEL_FILE).write_bytes(b"")
+    ckpt.save_checkpoint(tmp_path, 4, tiny_model, keep=2)
+    # Counting the damaged step 3 would have kept only one intact checkpoint (step 4) and deleted step 2.
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-000002", "step-000003", "step-000004"]
+
+
+def test_retention_keeps_the_checkpoint_a_resumed_run_writes_below_newer_damaged_ones(tmp_path, tiny_model, damage):
+    ckpt.save_checkpoint(tmp_path, 20, tiny_model)
+    bad = ckpt.save_checkpoint(tmp_path, 40, tiny_model)
+    damage(bad / ckpt.MODEL_FILE)
+    assert ckpt.resolve_resume("auto", tmp_path) == tmp_path / "step-000020"  # a resumed run goes on from here
+    saved = ckpt.save_checkpoint(tmp_path, 25, tiny_model, keep=1)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-000025", "step-000040"]
+    assert ckpt.resolve_resume("auto", tmp_path) == saved == ckpt.latest_checkpoint(tmp_path)
+
+
+def test_resaving_a_damaged_step_keeps_the_damaged_copy(tmp_path, tiny_model, tiny_model_config):
+    path = ckpt.save_checkpoint(tmp_path, 4, tiny_model)
+    (path / ckpt.MODEL_FILE).write_bytes(b"junk")
+    with torch.no_grad():
+        tiny_model.norm.weight.fill_(2.0)
+    assert ckpt.save_checkpoint(tmp_path, 4, tiny_model) == path
+    ckpt.verify_checkpoint(path)
+    fresh = LlamaLM(tiny_model_config)
+    ckpt.load_checkpoint(path, fresh)
+    assert torch.all(fresh.norm.weight == 2.0)
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("step-000004.damaged-")]
+    assert (aside / ckpt.MODEL_FILE).read_bytes() == b"junk"
+    assert ckpt.list_checkpoints(tmp_path) == [path]

@@ -1,9 +1,11 @@
-"""Resume is exact: 2N steps straight == N steps, a kill, a resume and N more steps (same losses, on CPU)."""
+"""Resume is exact: 2N steps straight == N steps, a kill, a resume and N more steps (same losses, on CPU), also when
+the newest checkpoint is damaged and an older intact one is taken; metrics.jsonl then reads like one straight run."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +16,7 @@ import pytest
 import torch
 
 from {{ cookiecutter.package }} import pretrain
-from {{ cookiecutter.package }}.config import OptimConfig
+from {{ cookiecutter.package }}.config import ConfigError, FinetuneConfig, OptimConfig
 from {{ cookiecutter.package }}.data.corpus import EvalWindows, TokenWindows
 from {{ cookiecutter.package }}.model.lm import LlamaLM
 from {{ cookiecutter.package }}.train.loop import evaluate_loss, fit
@@ -39,49 +41,150 @@ class StopAfter:
         self.source.load_state_dict(state)
 
 
+_WALL_CLOCK = ("tokens_per_s", "mfu", "compile_s")
+
+
+def _logged(run_dir: Path) -> list[dict]:
+    """Every line of metrics.jsonl in order, without the wall-clock fields: a duplicated or left-over line shows."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in _WALL_CLOCK} for line in lines]
+
+
+def _fit(run_dir, model_cfg, cfg, tokens, *, stop_after=None, seed=0):
+    torch.manual_seed(seed)
+    model = LlamaLM(model_cfg)
+    source = TokenWindows(tokens, cfg.batch_size, 16, seed=0)
+    if stop_after is not None:
+        source = StopAfter(source, stop_after)
+    val = EvalWindows(tokens, 2, 16, num_batches=2)
+    return fit(
+        model,
+        source,
+        cfg,
+        run_dir,
+        optim=OptimConfig(lr=3e-3, warmup_steps=2),
+        evaluate=lambda m: evaluate_loss(m, val, torch.device("cpu")),
+        resume="auto",
+        progress=False,
+    )
+
+
 def test_resume_in_process_is_exact(tmp_path, tiny_model_config, tiny_train_config, pattern_tokens):
     # Dropout on, so the restored torch RNG matters; accumulation and evaluation on, so their state does too.
     model_cfg = dataclasses.replace(tiny_model_config, dropout=0.1)
     cfg = dataclasses.replace(tiny_train_config, max_steps=8, grad_accum=2, save_every=4, eval_every=4)
-    optim = OptimConfig(lr=3e-3, warmup_steps=2)
-    val = EvalWindows(pattern_tokens, 2, 16, num_batches=2)
+    killed = tmp_path / "killed"
 
-    def run(run_dir, stop_after=None, seed=0):
-        torch.manual_seed(seed)
-        model = LlamaLM(model_cfg)
-        source = TokenWindows(pattern_tokens, cfg.batch_size, 16, seed=0)
-        if stop_after is not None:
-            source = StopAfter(source, stop_after)
-        return fit(
-            model,
-            source,
-            cfg,
-            run_dir,
-            optim=optim,
-            evaluate=lambda m: evaluate_loss(m, val, torch.device("cpu")),
-            resume="auto",
-            progress=False,
-        )
-
-    straight = run(tmp_path / "straight")
+    straight = _fit(tmp_path / "straight", model_cfg, cfg, pattern_tokens)
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "killed", stop_after=4 * cfg.grad_accum)  # dies while drawing step 5's batches
-    assert (tmp_path / "killed" / "checkpoints" / "latest").read_text().strip() == "step-000004"
-    resumed = run(tmp_path / "killed", seed=123)  # different init: the weights must come from the checkpoint
+        _fit(killed, model_cfg, cfg, pattern_tokens, stop_after=6 * cfg.grad_accum)  # dies drawing step 7's batches
+    assert (killed / "checkpoints" / "latest").read_text().strip() == "step-000004"
+    assert [r["step"] for r in _logged(killed)] == [1, 2, 3, 4, 5, 6]  # logged past the checkpoint: must be dropped
+    resumed = _fit(killed, model_cfg, cfg, pattern_tokens, seed=123)  # other init: weights come from the checkpoint
 
     assert [r["step"] for r in resumed] == [5, 6, 7, 8]
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight[4:]]
     assert resumed[-1]["eval_loss"] == straight[-1]["eval_loss"]
     assert straight[-1]["loss"] < straight[0]["loss"]
-    # metrics.jsonl of the resumed run reads like one uninterrupted run
-    logged = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in logged] == list(range(1, 9))
-    assert [r["loss"] for r in logged] == [r["loss"] for r in straight]
+    assert _logged(killed) == _logged(tmp_path / "straight")  # line for line, as one uninterrupted run
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+def test_resume_auto_skips_a_damaged_checkpoint_and_continues_exactly(
+    tmp_path, tiny_model_config, tiny_train_config, pattern_tokens, damage, capsys
+):
+    model_cfg = dataclasses.replace(tiny_model_config, dropout=0.1)
+    cfg = dataclasses.replace(tiny_train_config, max_steps=8, save_every=2, eval_every=4, keep_checkpoints=0)
+    killed, ckpts = tmp_path / "killed", tmp_path / "killed" / "checkpoints"
+    straight = _fit(tmp_path / "straight", model_cfg, cfg, pattern_tokens)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(killed, model_cfg, cfg, pattern_tokens, stop_after=6)  # checkpoints 2, 4, 6, then a kill
+    problem = damage(ckpts / "step-000006" / "model.safetensors")
+    damaged_bytes = (ckpts / "step-000006" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+
+    resumed = _fit(killed, model_cfg, cfg, pattern_tokens, seed=123)
+    err = capsys.readouterr().err.splitlines()
+    (skipped,) = [line for line in err if "damaged" in line]
+    assert re.fullmatch(rf"skipping damaged checkpoint {re.escape(str(ckpts / 'step-000006'))}: {problem}", skipped)
+    assert f"resumed from {ckpts / 'step-000004'} at step 4" in err
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight[4:]]
+    assert _logged(killed) == _logged(tmp_path / "straight")
+    (aside,) = ckpts.glob("step-000006.damaged-*")  # step 6 was saved again; the damaged one was kept, not deleted
+    assert (aside / "model.safetensors").read_bytes() == damaged_bytes
+
+
+def test_resume_auto_without_an_intact_checkpoint_starts_fresh_and_keeps_the_damaged_ones(
+    tmp_path, tiny_model_config, tiny_train_config, pattern_tokens, capsys
+):
+    cfg = dataclasses.replace(tiny_train_config, max_steps=4, save_every=2)
+    run_dir, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    straight = _fit(run_dir, tiny_model_config, cfg, pattern_tokens)
+    for step in (2, 4):
+        (ckpts / f"step-{step:06d}" / "trainer.pt").write_bytes(b"")
+    capsys.readouterr()
+
+    again = _fit(run_dir, tiny_model_config, cfg, pattern_tokens)
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[0] for line in err if "damaged" in line] == [
+        f"skipping damaged checkpoint {ckpts / 'step-000004'}",
+        f"skipping damaged checkpoint {ckpts / 'step-000002'}",
+    ]
+    assert f"no intact checkpoint in {ckpts}: starting from step 0" in err
+    assert [r["loss"] for r in again] == [r["loss"] for r in straight]
+    assert len(list(ckpts.glob("step-00000[24].damaged-*"))) == 2
+    assert [r["step"] for r in _logged(run_dir)] == [1, 2, 3, 4]
+
+
+def test_pretrain_refuses_a_named_damaged_checkpoint_and_auto_falls_back(tmp_path, pretrain_args, damage, capsys):
+    pretrain.main(pretrain_args)  # 8 steps, checkpoints at 4 and 8
+    run_dir = tmp_path / "runs" / "tiny"
+    newest, older = run_dir / "checkpoints" / "step-000008", run_dir / "checkpoints" / "step-000004"
+    straight = _logged(run_dir)
+    problem = damage(newest / "model.safetensors")
+    capsys.readouterr()
+
+    with pytest.raises(SystemExit) as refused:
+        pretrain.main([*pretrain_args, "--train.resume", str(newest)])
+    err = capsys.readouterr().err.splitlines()
+    assert refused.value.code == 2 and len(err) == 1
+    assert re.fullmatch(rf"error: damaged checkpoint {re.escape(str(newest))}: {problem} \(.+\)", err[0])
+
+    pretrain.main([*pretrain_args, "--train.resume", "auto"])
+    err = capsys.readouterr().err.splitlines()
+    (skipped,) = [line for line in err if "damaged" in line]  # once, though the entry point and fit() both resolve
+    assert re.fullmatch(rf"skipping damaged checkpoint {re.escape(str(newest))}: {problem}", skipped)
+    assert f"resumed from {older} at step 4" in err
+    assert _logged(run_dir) == straight
+
+
+@pytest.mark.slow
+def test_pretrain_cli_exits_2_on_a_named_damaged_checkpoint(tmp_path, pretrain_args, subprocess_env, package_name):
+    pretrain.main(pretrain_args)
+    newest = tmp_path / "runs" / "tiny" / "checkpoints" / "step-000008"
+    size = (newest / "model.safetensors").stat().st_size
+    (newest / "model.safetensors").write_bytes(b"")
+    cmd = [sys.executable, "-m", f"{package_name}.pretrain", *pretrain_args, "--train.resume", str(newest)]
+    proc = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"error: damaged checkpoint {newest}: model.safetensors is 0 bytes, manifest says {size} (resume from another "
+        "checkpoint; --train.resume auto takes the newest intact one of the run)"
+    ]
+    assert (newest / "model.safetensors").stat().st_size == 0  # left as it was
+
+
+def test_finetune_label_check_refuses_a_named_damaged_checkpoint(tmp_path, tiny_model):
+    from {{ cookiecutter.package }}.finetune import _check_resume_labels
+    from {{ cookiecutter.package }}.train import checkpoint as ckpt
+
+    run_dir = tmp_path / "runs" / "ft"
+    path = ckpt.save_checkpoint(run_dir / "checkpoints", 3, tiny_model, extra={"labels": ["neg", "pos"]})
+    cfg = FinetuneConfig(task="classify", name="ft", out_dir=str(tmp_path / "runs"))
+    cfg.train.resume = str(path)
+    _check_resume_labels(run_dir, cfg, ["neg", "pos"])  # intact: accepted
+    (path / ckpt.TRAINER_FILE).write_bytes(b"")
+    with pytest.raises(ConfigError, match=rf"^damaged checkpoint {re.escape(str(path))}: trainer.pt is 0 bytes"):
+        _check_resume_labels(run_dir, cfg, ["neg", "pos"])
 
 
 @pytest.mark.slow
@@ -114,6 +217,6 @@ def test_resume_after_sigkill_subprocess(tmp_path, pretrain_args, subprocess_env
     pretrain.main([*args, "--name", "killed", "--train.resume", "auto"])  # resume in-process (one import less)
     assert f"resumed from {runs / 'killed' / 'checkpoints' / f'step-{killed_at:06d}'}" in capsys.readouterr().err
 
-    expected, got = _losses(runs / "straight"), _losses(runs / "killed")
-    assert sorted(got) == list(range(1, steps + 1))
+    expected, got = _logged(runs / "straight"), _logged(runs / "killed")
+    assert [r["step"] for r in got] == list(range(1, steps + 1))  # no line of the killed run left over or doubled
     assert got == expected  # bit-identical on CPU

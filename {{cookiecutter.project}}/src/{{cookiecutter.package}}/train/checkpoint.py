@@ -3,6 +3,7 @@
 Layout of ``<run_dir>/checkpoints/``::
 
     step-000100/
+        manifest.json       # size and sha256 of every other file, written last (see below)
         model.safetensors   # weights (only the trainable ones for a partly frozen model such as peft/LoRA)
         trainer.pt          # optimizer, scheduler, step, RNG states, data position, config, extra state
         ...                 # whatever the optional save_model callback writes (e.g. a LoRA adapter)
@@ -16,17 +17,28 @@ moment leaves the previous checkpoint published and loadable; leftover ``.tmp-*`
 cleaned up by the next save. :func:`latest_checkpoint` also survives a missing or stale ``latest`` file by falling
 back to the newest complete ``step-*`` directory.
 
+Each checkpoint verifies itself: ``manifest.json`` lists every other file of the directory with its size and sha256
+(``{"format": 1, "files": {"model.safetensors": {"size": 5678, "sha256": "..."}, ...}}``) and is written before the
+directory is published. Everything that reads a checkpoint checks it first (sizes, then hashes) and a damaged one
+raises :class:`DamagedCheckpointError`, one line naming the file and what is wrong. :func:`resolve_resume` skips
+damaged checkpoints with one line each and takes the newest intact one. Nothing is deleted because it is damaged:
+retention neither counts nor removes damaged checkpoints, and re-saving a damaged step sets the old directory aside
+as ``step-NNNNNN.damaged-<time>``. Checkpoints saved before manifests existed load unverified, with a notice.
+
 Loading uses ``torch.load(weights_only=True)``: the trainer state only holds tensors, numbers, strings, lists,
 tuples and dicts (numpy's RNG state is converted to plain lists), so no pickled code is ever executed.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,9 +48,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..config import ConfigError
+
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 TRAINER_FILE = "trainer.pt"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = 1
 LATEST_FILE = "latest"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -189,15 +205,148 @@ def _write_latest(root: Path, name: str) -> None:
     _fsync_dir(root)
 
 
-def is_complete(path: str | Path) -> bool:
-    """A published checkpoint directory: named ``step-N`` and holding both files."""
+# --------------------------------------------------------------------------------------------------------------------
+# Manifest: every checkpoint verifies itself
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class DamagedCheckpointError(ConfigError):
+    """A checkpoint whose files do not match its manifest (a ConfigError: entry points exit 2 with its one line)."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _payload(directory: Path) -> list[Path]:
+    """The files a manifest covers: all of the directory's, at any depth, but the manifest itself."""
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p != directory / MANIFEST_FILE)
+
+
+def write_manifest(directory: Path) -> None:
+    files = {
+        p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in _payload(directory)
+    }
+    text = json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=1)
+    (directory / MANIFEST_FILE).write_text(text + "\n", encoding="utf-8")
+
+
+def _read_manifest(directory: Path) -> dict[str, dict]:
+    """``{relative path: {"size", "sha256"}}``; raises ValueError saying what is wrong with the manifest."""
+    try:
+        manifest = json.loads((directory / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{MANIFEST_FILE} is unreadable ({' '.join(str(err).split())})") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"{MANIFEST_FILE} has format {found!r}, this version reads {MANIFEST_FORMAT}")
+    files = manifest.get("files")
+    entries = files.values() if isinstance(files, dict) else [None]
+    if not all(isinstance(v, dict) and {"size", "sha256"} <= v.keys() for v in entries):
+        raise ValueError(f"{MANIFEST_FILE} has no valid file list")
+    return files
+
+
+def _find_damage(directory: Path, *, hashes: bool = True) -> str | None:
+    """What is wrong with ``directory`` against its manifest, or None. All sizes are compared before any hash, so
+    a truncated file is named without reading gigabytes; ``hashes=False`` stops there."""
+    try:
+        files = _read_manifest(directory)
+    except ValueError as err:
+        return str(err)
+    for name, want in files.items():
+        file = directory / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if (size := file.stat().st_size) != want["size"]:
+            return f"{name} is {size} bytes, manifest says {want['size']}"
+    for name, want in files.items() if hashes else ():
+        if (digest := _sha256(directory / name)) != want["sha256"]:
+            return f"{name} has sha256 {digest[:12]}..., manifest says {want['sha256'][:12]}...: its bytes changed"
+    return None
+
+
+@dataclasses.dataclass
+class _Verdict:
+    signature: tuple  # the files' stat when checked: any change makes the verdict stale
+    verified: bool  # False: no manifest (saved before manifests existed)
+    damage: str | None
+    reported: bool = False
+
+
+# Entry points resolve the same checkpoint several times (early refusal, finetune's label check, fit) and then load
+# it: it is hashed once per process and each damaged or unverifiable checkpoint is reported once.
+_verdicts: dict[str, _Verdict] = {}
+
+
+def _signature(directory: Path) -> tuple:
+    stats = [(p.relative_to(directory).as_posix(), p.stat()) for p in sorted(directory.rglob("*")) if p.is_file()]
+    return tuple((name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) for name, st in stats)
+
+
+def _verdict(directory: Path) -> _Verdict:
+    key, signature = str(directory.resolve()), _signature(directory)
+    cached = _verdicts.get(key)
+    if cached is None or cached.signature != signature:
+        verified = (directory / MANIFEST_FILE).exists()
+        cached = _verdicts[key] = _Verdict(signature, verified, _find_damage(directory) if verified else None)
+    return cached
+
+
+def _looks_damaged(directory: Path) -> bool:
+    """Cheap check for retention: a known verdict, else the sizes (hashing every kept checkpoint at each save would
+    cost more than the save; flipped bits are caught when loading)."""
+    cached = _verdicts.get(str(directory.resolve()))
+    if cached is not None and cached.signature == _signature(directory):
+        return cached.damage is not None
+    return (directory / MANIFEST_FILE).exists() and _find_damage(directory, hashes=False) is not None
+
+
+def _report_once(verdict: _Verdict, log: Callable[[str], None] | None, message: str) -> None:
+    if log is not None and not verdict.reported:
+        log(message)
+        verdict.reported = True
+
+
+def _damage_message(path: Path, damage: str) -> str:
+    return f"damaged checkpoint {path}: {damage}"
+
+
+def _unverified_message(path: Path) -> str:
+    return f"notice: {path} has no {MANIFEST_FILE} (saved by an older version): using it unverified"
+
+
+def verify_checkpoint(path: str | Path, log: Callable[[str], None] | None = None) -> None:
+    """Raise :class:`DamagedCheckpointError` unless ``path``'s files match its manifest. A checkpoint without a
+    manifest passes (``log`` gets a notice, once per process, that it cannot be verified)."""
     path = Path(path)
-    return (
-        path.is_dir()
-        and _STEP_DIR.match(path.name) is not None
-        and (path / MODEL_FILE).is_file()
-        and (path / TRAINER_FILE).is_file()
-    )
+    verdict = _verdict(path)
+    if verdict.damage is not None:
+        raise DamagedCheckpointError(
+            f"{_damage_message(path, verdict.damage)} (resume from another checkpoint; --train.resume auto takes "
+            "the newest intact one of the run)"
+        )
+    if not verdict.verified:
+        _report_once(verdict, log, _unverified_message(path))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Finding checkpoints
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def is_complete(path: str | Path) -> bool:
+    """A published checkpoint directory: named ``step-N`` and holding a manifest (its files are checked when it is
+    read) or, saved before manifests existed, both files."""
+    path = Path(path)
+    if not path.is_dir() or _STEP_DIR.match(path.name) is None:
+        return False
+    return (path / MANIFEST_FILE).exists() or ((path / MODEL_FILE).is_file() and (path / TRAINER_FILE).is_file())
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -219,6 +368,26 @@ def latest_checkpoint(root: str | Path) -> Path | None:
             return candidate
     found = list_checkpoints(root)
     return found[-1] if found else None
+
+
+def newest_intact(root: str | Path, log: Callable[[str], None] | None = None) -> Path | None:
+    """The checkpoint ``root/latest`` names if it is intact, else the newest intact one by step; None if none is.
+
+    ``log`` gets one line per damaged checkpoint skipped (``skipping damaged checkpoint <path>: <what>``) and a
+    notice when the one taken has no manifest, each once per process. Nothing is deleted.
+    """
+    candidates = list_checkpoints(root)[::-1]
+    pointed = latest_checkpoint(root)
+    if pointed is not None:
+        candidates = [pointed, *(p for p in candidates if p != pointed)]
+    for path in candidates:
+        verdict = _verdict(path)
+        if verdict.damage is None:
+            if not verdict.verified:
+                _report_once(verdict, log, _unverified_message(path))
+            return path
+        _report_once(verdict, log, f"skipping {_damage_message(path, verdict.damage)}")
+    return None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -254,7 +423,8 @@ def save_checkpoint(
         save_model: ``fn(model, tmp_dir)`` writes more files into the checkpoint before it is published, e.g. a peft
             adapter via ``model.save_pretrained(tmp_dir / "adapter")``.
         trainable_only: see :func:`model_state`.
-        keep: after publishing, delete all but the newest ``keep`` checkpoints (0 = keep all).
+        keep: after publishing, delete all but the newest ``keep`` intact checkpoints (0 = keep all; see
+            :func:`_prune`).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -279,10 +449,14 @@ def save_checkpoint(
         torch.save(trainer, tmp / TRAINER_FILE)
         if save_model is not None:
             save_model(model, tmp)
+        write_manifest(tmp)  # last, so it covers the callback's files too
         for file in tmp.rglob("*"):
             if file.is_file():
                 _fsync_file(file)
         _fsync_dir(tmp)
+        if final.exists() and _verdict(final).damage is not None:
+            # A run resumed past a damaged checkpoint reaches its step again: keep the evidence, publish the new one.
+            os.replace(final, root / f"{name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
         if final.exists():
             # Re-saving a step (e.g. a run resumed from an older checkpoint): publish the new one, then drop the old.
             trash = root / f".tmp-old-{name}-{os.getpid()}"
@@ -297,14 +471,28 @@ def save_checkpoint(
         raise
     _write_latest(root, name)
     if keep > 0:
-        for old in list_checkpoints(root)[:-keep]:
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+        _prune(root, keep, final)
     return final
 
 
+def _prune(root: Path, keep: int, final: Path) -> None:
+    """Delete all but ``final`` and the newest ``keep`` intact checkpoints. Damaged ones neither count nor go: they
+    never push a good checkpoint out, and nothing is deleted because it is damaged. ``final`` was hashed as it was
+    written, so the newest intact checkpoint always stays."""
+    kept = 0
+    for path in reversed(list_checkpoints(root)):
+        if path == final:
+            kept += 1
+        elif not _looks_damaged(path):
+            if kept >= keep:
+                shutil.rmtree(path, ignore_errors=True)
+            kept += 1
+
+
 def load_trainer_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The ``trainer.pt`` dict of a checkpoint directory, loaded with ``weights_only=True``."""
+    """The ``trainer.pt`` dict of a checkpoint directory, loaded with ``weights_only=True`` once its files are
+    verified (:class:`DamagedCheckpointError` otherwise)."""
+    verify_checkpoint(path)
     state = torch.load(Path(path) / TRAINER_FILE, map_location=map_location, weights_only=True)
     if state.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path}: unsupported checkpoint format {state.get('format')!r} (expected {FORMAT_VERSION})")
@@ -326,10 +514,12 @@ def load_checkpoint(
     The returned dict has ``step`` (optimizer steps already taken), ``data`` (batch source position), ``config``
     and ``extra``. ``model`` is the unwrapped module; optimizer state is moved to the parameters' device by
     ``Optimizer.load_state_dict``. When the RNG state was saved per rank (a list), ``rank`` picks this process's.
+    Raises :class:`DamagedCheckpointError` before touching ``model`` when the files do not match the manifest.
     """
     path = Path(path)
     if not is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (expected {MODEL_FILE} and {TRAINER_FILE})")
+    verify_checkpoint(path)
     load_model_weights(model, path / MODEL_FILE)
     state = load_trainer_state(path, map_location="cpu")
     if optimizer is not None and state["optimizer"] is not None:
@@ -344,19 +534,31 @@ def load_checkpoint(
     return state
 
 
-def resolve_resume(resume: str | Path | None, root: str | Path) -> Path | None:
-    """``None``/``""`` -> no resume; ``"auto"`` -> latest checkpoint under ``root`` (None if there is none yet);
-    anything else -> that checkpoint directory, or a checkpoints root / run directory whose latest is taken.
+def resolve_resume(
+    resume: str | Path | None, root: str | Path, log: Callable[[str], None] | None = None
+) -> Path | None:
+    """``None``/``""`` -> no resume; ``"auto"`` -> the newest intact checkpoint under ``root`` (None if there is none:
+    a fresh start); anything else -> that checkpoint directory, or a checkpoints root / run directory whose newest
+    intact one is taken (see :func:`newest_intact`; ``log`` gets its notices).
+
+    Raises :class:`DamagedCheckpointError` (a :class:`ConfigError`) for a damaged checkpoint named explicitly or a
+    named run without an intact one, and FileNotFoundError for a path without checkpoints.
     """
     if resume is None or str(resume) == "":
         return None
     if str(resume) == "auto":
-        return latest_checkpoint(root)
+        return newest_intact(root, log)
     path = Path(resume)
     if is_complete(path):
+        verify_checkpoint(path, log)
         return path
     for candidate_root in (path, path / "checkpoints"):
-        found = latest_checkpoint(candidate_root)
-        if found is not None:
+        if list_checkpoints(candidate_root):
+            found = newest_intact(candidate_root, log)
+            if found is None:
+                raise DamagedCheckpointError(
+                    f"train.resume={str(resume)!r}: every checkpoint in {candidate_root} is damaged: restore one "
+                    "from a copy, or name another checkpoint"
+                )
             return found
     raise FileNotFoundError(f"train.resume={str(resume)!r}: no complete checkpoint there")

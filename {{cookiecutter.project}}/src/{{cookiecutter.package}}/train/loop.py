@@ -220,7 +220,7 @@ def resolve_start(run_dir: str | Path, cfg: TrainConfig, resume: bool | str | Pa
     root = Path(run_dir) / "checkpoints"
     want = _wanted_resume(cfg, resume)
     try:
-        found = ckpt.resolve_resume(want, root)
+        found = ckpt.resolve_resume(want, root, log=_notice)
     except FileNotFoundError as err:
         raise ConfigError(str(err)) from err
     if found is None and want is None and ckpt.list_checkpoints(root) and not cfg.overwrite:
@@ -241,9 +241,11 @@ def restore(
     resume_from = resolve_start(run_dir, cfg, resume)
     if resume_from is None:
         if _wanted_resume(cfg, resume) == "auto":
-            _notice(f"no checkpoint in {ckpt_root} yet: starting from step 0")
+            _notice(f"no intact checkpoint in {ckpt_root}: starting from step 0")
         if get_rank() == 0:
-            for stale in (ckpt_root, run_dir / "tb"):  # old logs of the same name would interleave with the new curve
+            # Old logs of the same name would interleave with the new curve. Checkpoints go only when asked to
+            # (overwrite): after "auto" found none intact, the damaged ones stay to be inspected.
+            for stale in (ckpt_root, run_dir / "tb") if cfg.overwrite else (run_dir / "tb",):
                 if stale.exists():
                     _notice(f"fresh run: removing {stale}")
                     shutil.rmtree(stale)
