@@ -1,15 +1,18 @@
-"""The logging pieces of fit: one device read per window (StepLog) and what a run writes (RunLogger)."""
+"""The logging pieces of fit: one device read per window (StepLog), gradient health, what a run writes (RunLogger)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 
 import pytest
 import torch
 
-from {{ cookiecutter.package }}.train.logger import RunLogger, StepLog
-from {{ cookiecutter.package }}.train.step import NonFiniteLossError, StepResult
+from {{ cookiecutter.package }}.data.corpus import TokenWindows
+from {{ cookiecutter.package }}.train.logger import GradHealth, RunLogger, StepLog
+from {{ cookiecutter.package }}.train.loop import fit
+from {{ cookiecutter.package }}.train.step import NonFiniteLossError, StepResult, train_step
 
 
 def _result(loss: float, grad_norm: float = 1.0, tokens: int = 64) -> StepResult:
@@ -74,3 +77,70 @@ def test_run_logger_off_rank_0_writes_nothing(tmp_path, tiny_train_config, capsy
     logger.append_metrics([{"step": 1}])
     logger.close()
     assert not (tmp_path / "run").exists() and capsys.readouterr().out == ""
+
+
+# ---------------------------------------------------------------------------------------------- gradient health
+
+
+def _health_run(model, cfg, tokens, tmp_path):
+    source = TokenWindows(tokens, cfg.batch_size, 16, seed=0)
+    return fit(model, source, cfg, tmp_path / "run", progress=False)
+
+
+def test_grad_health_writes_per_module_series_to_tensorboard(tiny_model, tiny_train_config, pattern_tokens, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = dataclasses.replace(tiny_train_config, max_steps=4, log_every=2, tensorboard=True)
+    _health_run(tiny_model, cfg, pattern_tokens, tmp_path)
+    events = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"histograms": 0, "scalars": 0})
+    events.Reload()
+    scalars, histograms = set(events.Tags()["scalars"]), set(events.Tags()["histograms"])
+    for module in ("embed_tokens", "layers.0.self_attn.q_proj", "layers.1.mlp.down_proj", "norm"):
+        for kind in ("grad_norm", "weight_norm", "update_ratio"):
+            assert f"{kind}/{module}" in scalars, (kind, module)
+            assert [e.step for e in events.Scalars(f"{kind}/{module}")] == [2, 4]  # every log_every, nothing between
+        assert f"grad/{module}" in histograms
+    ratio = events.Scalars("update_ratio/layers.0.mlp.up_proj")[0].value
+    assert 0 < ratio < 1  # AdamW moved the weights, by a small fraction of their size
+
+
+def test_zeroed_layer_triggers_the_vanishing_warning_naming_it(
+    tiny_model, tiny_train_config, pattern_tokens, tmp_path, capsys
+):
+    with torch.no_grad():  # silu(0) * 0 = 0: no gradient reaches this MLP, and AdamW never moves it off zero
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(tiny_model.layers[1].mlp, name).weight.zero_()
+    cfg = dataclasses.replace(tiny_train_config, max_steps=4, log_every=1)
+    _health_run(tiny_model, cfg, pattern_tokens, tmp_path)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "vanishing" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: vanishing gradients at step 3")
+    assert "layers.1.mlp.gate_proj" in warnings[0] and "layers.1.mlp.down_proj" in warnings[0]
+    assert "layers.0." not in warnings[0]
+
+
+def test_huge_learning_rate_triggers_the_exploding_warning_before_the_loss_turns_nan(tiny_model, pattern_tokens):
+    health = GradHealth(tiny_model, every=1)
+    opt = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3, fused=True)
+    source = TokenWindows(pattern_tokens, 4, 16, seed=0)
+    warned_at, nan_at = None, None
+    for step in range(1, 31):
+        if step == 12:  # the window of normal steps is full: now the learning rate goes wild
+            opt.param_groups[0]["lr"] = 3.0  # 3000x: Adam moves every weight by ~3 per step
+        result = train_step(
+            tiny_model,
+            [source.next_batch()],
+            opt,
+            None,
+            grad_clip=0.0,
+            autocast=contextlib.nullcontext(),
+            step=step,
+            on_gradients=health.capture_gradients,
+        )
+        health.capture_update(step)
+        _, stats, _, warnings = health.read()
+        if warned_at is None and any("exploding gradients" in w for w in warnings):
+            warned_at = step
+        if nan_at is None and not bool(result.finite):
+            nan_at = step
+    assert warned_at is not None and warned_at > 11  # nothing during the normal steps
+    assert nan_at is None or warned_at < nan_at

@@ -32,7 +32,7 @@ from ..config import ConfigError, OptimConfig, TrainConfig, config_to_dict
 from . import checkpoint as ckpt
 from .distributed import all_gather_object, all_reduce_mean, barrier, get_rank, get_world_size, is_compiled, unwrap
 from .flops import peak_flops
-from .logger import RunLogger, StepLog
+from .logger import GradHealth, RunLogger, StepLog
 from .optim import build_optimizer, build_scheduler
 from .step import NonFiniteLossError, train_step
 
@@ -385,6 +385,7 @@ def fit(
     autocast = autocast_context(device, dtype)
     steps = StepLog(flops_per_token, peak_flops(device, dtype, cfg.peak_tflops)[0] * get_world_size())
     logger = RunLogger(run_dir, cfg, start_step, main=get_rank() == 0, progress=progress)
+    health = GradHealth(raw, cfg.log_every if cfg.grad_stats_every is None else cfg.grad_stats_every)
     ckpt_root, checkpoint_kwargs = run_dir / "checkpoints", {"extra_state": extra_state, "save_model": save_model}
     checkpoint_kwargs["config"] = config_to_dict(config) if config is not None else None
     compiling = is_compiled(model)  # its first step compiles the model: logged as such, not as throughput
@@ -395,7 +396,7 @@ def fit(
     try:
         with NonFiniteGuard(raw, enabled=break_on_nonfinite) as guard, anomaly:
             for step in range(start_step + 1, cfg.max_steps + 1):  # 1-based: step-000001 = after one update
-                guard.step = step
+                guard.step, last = step, step == cfg.max_steps
                 batches = [to_device(train_source.next_batch(), device) for _ in range(cfg.grad_accum)]
                 if steps.fpt is None:
                     steps.fpt = _flops_per_token(raw, batches[0]["input_ids"].shape[-1])
@@ -408,17 +409,20 @@ def fit(
                     autocast=autocast,
                     step=step,
                     check_loss=guard.check_loss,
+                    on_gradients=health.capture_gradients if health.due(step, last) else None,
                 )
+                health.capture_update(step)  # a no-op unless this step's gradients were captured
                 steps.add(step, result)
                 logger.advance()
-                last = step == cfg.max_steps
                 log_due, save_due = _due(step, cfg.log_every, last), _due(step, cfg.save_every, last)
                 eval_due = (evaluate is not None or sample is not None) and _due(step, cfg.eval_every, last)
-                if not (compiling or log_due or eval_due or save_due):
+                if not (compiling or log_due or eval_due or save_due or health.pending):
                     continue  # nothing to show yet: the device keeps running ahead
                 records = steps.read(compiling=compiling)
                 if steps.failed is None and (log_due or compiling):
                     logger.train_line(records[-1])
+                if steps.failed is None and health.pending:
+                    logger.grad_health(*health.read())
                 if steps.failed is None and eval_due:
                     evals, texts = run_eval(raw, autocast, evaluate, sample)
                     records[-1].update(evals)

@@ -70,6 +70,7 @@ def train_step(
     autocast: contextlib.AbstractContextManager,
     step: int,
     check_loss: Callable[[Tensor], None] | None = None,
+    on_gradients: Callable[[], None] | None = None,
 ) -> StepResult:
     """Forward + backward over ``micro_batches`` (gradient accumulation), clip, optimizer and scheduler step.
 
@@ -99,6 +100,8 @@ def train_step(
         step: the number of this update as the logs show it (1-based: the first update is step 1); only used in
             error messages.
         check_loss: called with every micro-batch loss before backward (``NonFiniteGuard.check_loss``).
+        on_gradients: called once the gradients are complete (accumulated and all-reduced), before clipping, e.g.
+            ``GradHealth.capture_gradients`` on the steps whose gradients are inspected.
 
     Raises:
         NonFiniteLossError: only for optimizers without ``found_inf`` support (see above), before their update.
@@ -134,6 +137,8 @@ def train_step(
         world = dist.get_world_size()
     mean_loss = totals[0] / (n * world)
 
+    if on_gradients is not None:
+        on_gradients()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     max_norm = grad_clip if grad_clip > 0 else float("inf")  # inf: measure the norm without clipping
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).float()  # a device scalar: no sync
