@@ -91,7 +91,7 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
         ("auto", CPU, {}, False, "CUDA only"),
         (True, CPU, {}, True, "compile true"),
         (False, CUDA, {}, False, "compile false"),
-        ("auto", CUDA, {"debug": True}, False, "--debug"),
+        (True, CUDA, {"debug": True}, True, "compile true"),  # the profile's `compile: false` lost to a flag
         (True, CUDA, {"break_on_nonfinite": True}, False, "--break-on-nonfinite"),
     ],
 )

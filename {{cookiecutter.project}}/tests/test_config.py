@@ -1,23 +1,27 @@
-"""The config system: YAML + command line -> validated dataclasses, one-line errors, debug profile, shipped configs."""
+"""The config system: defaults < YAML < --debug profile < command line -> validated dataclasses, one-line errors,
+shipped configs that hold only what they change."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from {{ cookiecutter.package }}.config import (
     DataConfig,
     DebugConfig,
     FinetuneConfig,
+    GenerateConfig,
     ModelConfig,
     OptimConfig,
     PretrainConfig,
     SampleConfig,
     TrainConfig,
-    apply_debug_profile,
     config_to_dict,
+    debug_profile,
     load_config,
     parse_config,
     save_config,
@@ -32,16 +36,91 @@ def test_defaults_without_arguments():
     assert dbg == DebugConfig()
 
 
-def test_yaml_then_command_line_precedence(tmp_path):
-    yaml_file = tmp_path / "c.yaml"
-    yaml_file.write_text("name: from-yaml\ntrain:\n  max_steps: 7\n  batch_size: 3\noptim:\n  betas: [0.8, 0.9]\n")
-    cfg, _ = parse_config(PretrainConfig, ["--config", str(yaml_file), "--train.max_steps", "20"])
+@pytest.fixture
+def yaml_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "name: from-yaml\ntrain:\n  max_steps: 7\n  batch_size: 3\n  eval_every: 50\n  seed: 5\n"
+        "optim:\n  betas: [0.8, 0.9]\n"
+    )
+    return path
+
+
+@pytest.mark.parametrize("flag_first", [False, True])
+def test_yaml_then_command_line_precedence(yaml_file, flag_first):
+    files, flags = ["--config", str(yaml_file)], ["--train.max_steps", "20"]
+    cfg, _ = parse_config(PretrainConfig, [*flags, *files] if flag_first else [*files, *flags])
     assert cfg.name == "from-yaml"
-    assert cfg.train.max_steps == 20  # command line wins
-    assert cfg.train.batch_size == 3  # from the file
+    assert cfg.train.max_steps == 20  # command line wins, before or after --config
+    assert cfg.train.batch_size == 3  # the file beats the default
     assert cfg.train.grad_accum == TrainConfig().grad_accum  # untouched default
     assert cfg.optim.betas == (0.8, 0.9)
     assert isinstance(cfg.train, TrainConfig) and isinstance(cfg.model, ModelConfig)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--debug", "--train.max_steps", "30"],
+        ["--train.max_steps", "30", "--debug"],
+        ["--train.max_steps", "30", "--config", "YAML", "--debug"],
+        ["--debug", "--config", "YAML", "--train.max_steps", "30"],
+    ],
+)
+def test_flags_beat_the_debug_profile_which_beats_yaml(yaml_file, argv):
+    argv = [str(yaml_file) if a == "YAML" else a for a in argv]
+    cfg, dbg = parse_config(PretrainConfig, argv)
+    assert dbg.debug
+    assert cfg.train.max_steps == 30  # the flag, whatever the order
+    assert cfg.train.eval_every == debug_profile(PretrainConfig)["train"]["eval_every"] == 1  # profile beats YAML
+    if "--config" in argv:
+        assert cfg.name == "from-yaml-debug" and cfg.train.seed == 5  # YAML keys the profile does not set stay
+    else:
+        assert cfg.name == "pretrain-debug" and cfg.train.seed == TrainConfig().seed
+
+
+def _leaves(tree, prefix=""):
+    """(dotted key, value) for every non-mapping value of a nested dict."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _get(cfg, dotted):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+@pytest.mark.parametrize("cls", [PretrainConfig, FinetuneConfig])
+def test_every_debug_profile_value_beats_the_shipped_configs(cls):
+    profile = debug_profile(cls)
+    configs = sorted(CONFIGS.glob(f"{cls.__name__.removesuffix('Config').lower()}*.yaml"))
+    assert configs and profile
+    for path in configs:
+        cfg, _ = parse_config(cls, ["--config", str(path), "--debug"])
+        for key, value in _leaves(profile):
+            assert _get(cfg, key) == value, (path.name, key)
+        assert cfg.name == f"{parse_config(cls, ['--config', str(path)])[0].name}-debug"
+
+
+def test_debug_profile_sections_name_config_classes():
+    import {{ cookiecutter.package }}.config as config
+
+    sections = yaml.safe_load(config.DEBUG_PROFILE.read_text(encoding="utf-8"))
+    classes = {name.removesuffix("Config").lower() for name in dir(config) if name.endswith("Config")}
+    assert set(sections) == {"pretrain", "finetune"} and set(sections) <= classes
+    assert debug_profile(GenerateConfig) is None
+    cfg, dbg = parse_config(GenerateConfig, ["--debug"])
+    assert dbg.debug and cfg == GenerateConfig()  # generate's --debug only picks the debug run's model
+
+
+def test_debug_run_name_is_suffixed_once():
+    assert parse_config(PretrainConfig, ["--debug", "--name", "mine"])[0].name == "mine-debug"
+    assert parse_config(PretrainConfig, ["--debug", "--name", "mine-debug"])[0].name == "mine-debug"
+    assert parse_config(FinetuneConfig, ["--debug", "--task", "classify"])[0].name == "finetune-classify-debug"
 
 
 def test_debug_flags_are_top_level():
@@ -56,29 +135,59 @@ def test_debug_flags_are_top_level():
         pycharm_debug="localhost:9000",
         break_on_nonfinite=True,
     )
-    assert cfg == PretrainConfig()  # debug flags do not leak into the run config
+    assert cfg == parse_config(PretrainConfig, ["--debug"])[0]  # beyond the profile, nothing leaks into the config
 
 
-def _all_options(cls, prefix=""):
+def _field_default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _all_options(cls, defaults=None, prefix=""):
+    """(option, default) for every field: a field's own default, or the value its parent's default_factory gave it
+    (FinetuneConfig's optim defaults differ from OptimConfig's)."""
     for f in dataclasses.fields(cls):
-        value = getattr(cls(), f.name)
+        value = _field_default(f) if defaults is None else getattr(defaults, f.name)
         if dataclasses.is_dataclass(value):
-            yield from _all_options(type(value), f"{prefix}{f.name}.")
+            yield from _all_options(type(value), value, f"{prefix}{f.name}.")
         else:
             yield f"--{prefix}{f.name}", value
 
 
-def test_help_lists_every_option_with_its_default(capsys):
+def _help_entries(text: str) -> dict[str, str]:
+    """Option -> its help text (whitespace collapsed), from argparse's "  --option ..." blocks."""
+    entries: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("  --"):
+            current = line.split()[0].rstrip(",")
+            entries[current] = [line]
+        elif line.startswith("    ") and current:
+            entries[current].append(line)
+        else:
+            current = None
+    return {option: " ".join(" ".join(lines).split()) for option, lines in entries.items()}
+
+
+def _shown(value) -> str:
+    return "null" if value is None else str(value)  # how jsonargparse prints a default
+
+
+@pytest.mark.parametrize("cls", [PretrainConfig, FinetuneConfig, GenerateConfig])
+def test_help_lists_every_option_with_its_default(cls, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        parse_config(PretrainConfig, ["--help"])
+        parse_config(cls, ["--help"])
     assert exit_info.value.code == 0
-    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    for option, _default in _all_options(PretrainConfig):
-        assert option in out, option
-    for flag in ("--debug", "--debugpy", "--wait-for-client", "--debugpy-all-ranks", "--pycharm-debug"):
-        assert flag in out
-    assert "default: 1000" in out  # train.max_steps
-    assert "default: 0.0003" in out  # optim.lr
+    entries = _help_entries(capsys.readouterr().out)
+    options = dict(_all_options(cls))
+    assert len(options) > 10
+    for option, default in options.items():
+        expected = " ".join(f"default: {_shown(default)})".split())  # a newline in a default is printed as is
+        assert expected in entries[option], (option, entries[option])
+    for f in dataclasses.fields(DebugConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert f"default: {_shown(f.default)})" in entries[flag], flag
+    if cls is FinetuneConfig:  # the fine-tune defaults, not OptimConfig's / TrainConfig's
+        assert options["--optim.lr"] != OptimConfig().lr and options["--train.max_steps"] != TrainConfig().max_steps
 
 
 @pytest.mark.parametrize(
@@ -128,32 +237,58 @@ def test_save_and_load_round_trip(tmp_path):
     assert config_to_dict(cfg)["optim"]["betas"] == [0.8, 0.99]  # plain lists, loadable with weights_only
 
 
-def test_debug_profile_is_a_small_deterministic_copy():
-    cfg = PretrainConfig(train=TrainConfig(max_steps=5000, batch_size=64, grad_accum=8, compile=True))
-    dbg = apply_debug_profile(cfg)
-    assert cfg.train.max_steps == 5000 and cfg.name == "pretrain"  # original untouched
-    assert dbg.name == "pretrain-debug"
-    assert dbg.model.dim <= 64 and dbg.model.n_layers <= 2
-    assert dbg.data.seq_len <= dbg.model.max_seq_len
-    t = dbg.train
-    assert (t.max_steps, t.grad_accum, t.eval_every, t.precision) == (20, 1, 1, "fp32")
-    assert t.deterministic and t.detect_anomaly and not t.compile and t.overwrite
-    assert not hasattr(dbg.data, "num_workers")  # pre-training reads a memmap in-process: no workers to turn off
-    assert apply_debug_profile(dbg) == dbg  # idempotent
+def test_debug_profile_is_small_and_deterministic(tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_text("train:\n  max_steps: 5000\n  batch_size: 64\n  grad_accum: 8\n  compile: true\n")
+    cfg, _ = parse_config(PretrainConfig, ["--config", str(big), "--debug"])
+    assert cfg.name == "pretrain-debug"
+    assert cfg.model.dim <= 64 and cfg.model.n_layers <= 2
+    assert cfg.data.seq_len <= cfg.model.max_seq_len
+    t = cfg.train
+    assert (t.max_steps, t.batch_size, t.grad_accum, t.eval_every, t.save_every) == (20, 4, 1, 1, 0)
+    assert t.precision == "fp32"
+    assert t.deterministic and t.detect_anomaly and t.compile is False and t.overwrite
+    assert not hasattr(cfg.data, "num_workers")  # pre-training reads a memmap in-process: no workers to turn off
+    assert parse_config(PretrainConfig, ["--debug", "--train.compile", "true"])[0].train.compile is True
 
 
 def test_debug_profile_applies_to_finetune_config():
-    cfg = FinetuneConfig()
-    dbg = apply_debug_profile(cfg)
-    assert dbg.name == f"{cfg.name}-debug" and dbg.train.max_steps <= 20 and dbg.data.num_workers == 0
-    assert dbg.base_model == cfg.base_model
+    cfg, _ = parse_config(FinetuneConfig, ["--debug", "--data.num_workers", "2"])
+    assert cfg.name == "finetune-sft-debug" and cfg.train.max_steps == 20 and cfg.data.max_seq_len == 128
+    assert cfg.data.num_workers == 2  # an explicit flag wins over the profile's 0
+    assert cfg.base_model is None  # resolved by finetune.resolve_base_model to the debug pre-training run
 
 
-@pytest.mark.parametrize("name", ["pretrain.yaml", "pretrain-debug.yaml"])
-def test_shipped_pretrain_configs_parse(name):
-    cfg, _ = parse_config(PretrainConfig, ["--config", str(CONFIGS / name)])
-    assert cfg.data.seq_len <= cfg.model.max_seq_len
-    assert cfg.train.max_steps >= 1
-    if name == "pretrain-debug.yaml":
-        # small enough for the < 1 minute CPU budget
-        assert cfg.model.dim <= 64 and cfg.train.max_steps <= 50 and cfg.model.vocab_size <= 1024
+def _config_class(path: Path) -> type:
+    return {"pretrain": PretrainConfig, "finetune": FinetuneConfig}[path.stem.split("-")[0]]
+
+
+def _without(tree: dict, dotted: str) -> dict:
+    tree = json.loads(json.dumps(tree))  # a deep copy
+    *parents, last = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node[part]
+    del node[last]
+    return tree
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_hold_only_what_differs_from_the_defaults(path):
+    """The one-home rule of config.py: every key of a recipe changes the parsed config, so that no default lives
+    in a YAML file too (and a changed dataclass default is never silently shadowed by a stale copy)."""
+    cls = _config_class(path)
+    recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
+    cfg, _ = parse_config(cls, ["--config", str(path)])
+    assert cfg != cls()
+    for key, _value in _leaves(recipe):
+        reduced, _ = parse_config(cls, ["--config", json.dumps(_without(recipe, key))])
+        assert reduced != cfg, f"{path.name}: {key} repeats its default; remove it (config.py: one home per default)"
+
+
+def test_the_one_home_check_catches_a_repeated_default():
+    train = {"max_steps": 300, "batch_size": TrainConfig().batch_size}
+    recipe = {"train": train}
+    cfg, _ = parse_config(PretrainConfig, ["--config", json.dumps(recipe)])
+    assert parse_config(PretrainConfig, ["--config", json.dumps(_without(recipe, "train.batch_size"))])[0] == cfg
+    assert parse_config(PretrainConfig, ["--config", json.dumps(_without(recipe, "train.max_steps"))])[0] != cfg

@@ -164,6 +164,25 @@ def test_missing_default_model_without_debug_says_run_pretrain(tmp_path, capsys,
     _expect_exit(capsys, ["--train.device", "cpu"], "run pretrain first")
 
 
+def test_base_model_resolution(tmp_path, monkeypatch):
+    """None means "what pretrain exported" (the debug run's under --debug); an explicit path is taken as given, even
+    when it names the real run's export under --debug."""
+    monkeypatch.chdir(tmp_path)
+
+    def resolve(argv):
+        cfg, dbg = parse_config(FinetuneConfig, argv)
+        return finetune.resolve_base_model(cfg, dbg.debug)
+
+    assert resolve(["--debug"]) is None  # nothing pre-trained: build a tiny model
+    for name in ("pretrain", "pretrain-debug"):
+        (tmp_path / "runs" / name / "hf").mkdir(parents=True)
+        (tmp_path / "runs" / name / "hf" / "config.json").write_text("{}")
+    assert resolve([]) == str(Path("runs", "pretrain", "hf"))
+    assert resolve(["--debug"]) == str(Path("runs", "pretrain-debug", "hf"))
+    assert resolve(["--debug", "--base_model", "runs/pretrain/hf"]) == "runs/pretrain/hf"
+    assert resolve(["--base_model", "some/hub-id"]) == "some/hub-id"
+
+
 @pytest.mark.slow
 def test_cli_debug_builds_a_tiny_model_then_generate_uses_the_adapter(tmp_path, subprocess_env, package_name):
     cmd = [sys.executable, "-m", f"{package_name}.finetune", "--debug", "--train.max_steps", "3"]
@@ -182,7 +201,7 @@ def test_cli_debug_builds_a_tiny_model_then_generate_uses_the_adapter(tmp_path, 
 def test_shipped_finetune_configs_parse(task):
     cfg, dbg = parse_config(FinetuneConfig, ["--config", str(CONFIGS / f"finetune-{task}.yaml")])
     assert cfg.task == task and cfg.name == f"finetune-{task}" and not dbg.debug
-    assert cfg.base_model == "runs/pretrain/hf" and not cfg.lora.qlora
+    assert cfg.base_model is None and not cfg.lora.qlora  # None = what pretrain exported
     cli, _ = parse_config(FinetuneConfig, ["--task", task, "--lora.target_modules", "[all-linear]", "--lora.r", "4"])
     assert cli.name == f"finetune-{task}" and cli.lora.target_modules == ["all-linear"] and cli.lora.r == 4
     assert parse_config(FinetuneConfig, [])[0].lora.target_modules is None  # per-architecture default

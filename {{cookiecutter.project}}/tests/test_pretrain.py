@@ -71,22 +71,29 @@ def test_tiny_run_writes_everything(tmp_path, pretrain_args, capsys):
     torch.testing.assert_close(hf(ids).logits, ours(ids).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_debug_profile(tmp_path, pretrain_args):
+def _without_options(argv: list[str], *options: str) -> list[str]:
+    pairs = zip(argv[::2], argv[1::2], strict=True)  # pretrain_args: every option takes one value
+    return [token for pair in pairs if pair[0] not in options for token in pair]
+
+
+@pytest.mark.parametrize("debug_first", [False, True])
+def test_debug_profile(tmp_path, pretrain_args, debug_first):
+    # The profile sets evaluation, logging and checkpoints; the explicit --train.max_steps 8 beats its 20 steps.
+    args = _without_options(pretrain_args, "--train.eval_every", "--train.save_every", "--train.log_every")
+    argv = ["--debug", *args] if debug_first else [*args, "--debug"]
     try:
-        pretrain.main([*pretrain_args, "--debug"])
+        pretrain.main(argv)
         assert torch.are_deterministic_algorithms_enabled()
+        pretrain.main(argv)  # re-running the debug profile replaces it instead of refusing
     finally:
         torch.use_deterministic_algorithms(False)
     run_dir = tmp_path / "runs" / "tiny-debug"  # never the real run's directory
     metrics = _metrics(run_dir)
-    assert len(metrics) == 8 and all("eval_loss" in m for m in metrics)  # eval every step (8 < the cap of 20)
+    assert [m["step"] for m in metrics] == list(range(1, 9)) and all("eval_loss" in m for m in metrics)
     assert [p.name for p in ckpt.list_checkpoints(run_dir / "checkpoints")] == ["step-000008"]  # at the end only
-    cfg = load_config(PretrainConfig, run_dir / "config.yaml")
-    t = cfg.train
-    assert (t.precision, t.deterministic, t.detect_anomaly, t.compile) == ("fp32", True, True, False)
-    pretrain.main([*pretrain_args, "--debug"])  # re-running the debug profile replaces it instead of refusing
-    torch.use_deterministic_algorithms(False)
-    assert len(_metrics(run_dir)) == 8
+    t = load_config(PretrainConfig, run_dir / "config.yaml").train
+    assert (t.max_steps, t.precision, t.deterministic, t.detect_anomaly, t.compile) == (8, "fp32", True, True, False)
+    assert not (tmp_path / "runs" / "tiny").exists()
 
 
 def test_missing_data_path(tmp_path, pretrain_args, capsys):
@@ -143,10 +150,12 @@ def test_cli_errors_are_one_line_without_traceback(pretrain_args, subprocess_env
 
 
 @pytest.mark.slow
-def test_shipped_debug_config_runs_on_the_embedded_corpus(tmp_path, data_cache_dir, capsys):
-    argv = ["--config", str(CONFIGS / "pretrain-debug.yaml"), "--out_dir", str(tmp_path / "runs")]
-    pretrain.main([*argv, "--data.cache_dir", str(data_cache_dir), "--train.max_steps", "10"])
-    torch.use_deterministic_algorithms(False)
+def test_shipped_config_under_debug_runs_on_the_embedded_corpus(tmp_path, data_cache_dir, capsys):
+    argv = ["--config", str(CONFIGS / "pretrain.yaml"), "--debug", "--out_dir", str(tmp_path / "runs")]
+    try:
+        pretrain.main([*argv, "--data.cache_dir", str(data_cache_dir), "--train.max_steps", "10"])
+    finally:
+        torch.use_deterministic_algorithms(False)
     assert "built-in Shakespeare corpus" in capsys.readouterr().out
     run_dir = tmp_path / "runs" / "pretrain-debug"
     assert (run_dir / "hf" / "config.json").is_file()

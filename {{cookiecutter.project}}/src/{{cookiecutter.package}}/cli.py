@@ -1,4 +1,4 @@
-"""What every entry point's ``main()`` does: parse the config, apply ``--debug``, run, and turn failures into one
+"""What every entry point's ``main()`` does: parse the config (``--debug`` included), run, and turn failures into one
 line on stderr and an exit code (2 bad input, 1 non-finite values, 130 interrupted) instead of a traceback."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from .config import ConfigError, DebugConfig, apply_debug_profile, fail, parse_config
+from .config import ConfigError, DebugConfig, fail, parse_config
 from .debug import NonFiniteError
 from .train.step import NonFiniteLossError
 
@@ -20,12 +20,9 @@ def run_cli(
     argv: list[str] | None,
     *,
     prog: str,
-    debug_profile: bool = True,
     interrupted: str | None = RESUME_HINT,
 ) -> None:
     cfg, dbg = parse_config(config_cls, argv, prog=prog)
-    if dbg.debug and debug_profile:
-        cfg = apply_debug_profile(cfg)
     try:
         run(cfg, dbg)
     except ConfigError as err:

@@ -1,21 +1,37 @@
 """Typed configuration dataclasses shared by every entry point, and the one parser that fills them.
 
-Every entry point does the same three things::
+Every entry point does the same two things::
 
-    cfg, dbg = parse_config(PretrainConfig, argv)   # YAML file (--config) + command-line overrides, validated
-    if dbg.debug:
-        cfg = apply_debug_profile(cfg)              # tiny, deterministic, eval every step
+    cfg, dbg = parse_config(PretrainConfig, argv)   # the four layers below, validated
     save_config(cfg, run_dir / "config.yaml")       # the resolved config travels with the run
+
+Precedence, lowest to highest, whatever the order of the arguments:
+
+1. the dataclass defaults below;
+2. ``--config FILE`` (YAML; several files apply in the order given);
+3. the ``--debug`` profile: the entry point's section of ``profiles/debug.yaml`` (tiny, fast, deterministic);
+4. explicit command-line flags (``--debug --train.max_steps 30`` trains 30 steps).
+
+``--debug`` also appends ``-debug`` to the run name after all four layers, so that a debug run never writes into a
+real run's directory, whatever ``--name`` says. :func:`parse_config` is the only place that applies these layers.
+
+One home per default: every default lives in its dataclass field below, nowhere else. A YAML file in ``configs/`` is a
+recipe holding only what it changes (each of its keys changes the parsed config; tests/test_config.py enforces it):
+the recipes tune the shipped demo, e.g. its small model trains well with a higher learning rate than the defaults,
+which suit your own models. "Work it out from the rest" is ``None``, resolved by a named function where it is used
+(``finetune.resolve_base_model``, ``generate.resolve_model``), never a sentinel string.
 
 The schema *is* the dataclasses below: nested fields become dotted options (``--train.max_steps 20``), ``--help``
 lists every option with its type and default, and a YAML file written by :func:`save_config` can be passed back with
 ``--config``. The debug flags (:class:`DebugConfig`) are top-level on every entry point (``--debug``, ``--debugpy``,
-...). Parsing is done by jsonargparse; this module only adds the one-line error report (exit code 2, no traceback).
+...). Parsing is done by jsonargparse; this module only adds the layering and the one-line error report (exit code 2,
+no traceback).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,7 +229,8 @@ class FinetuneConfig:
     """``python -m <package>.finetune``: LoRA fine-tuning of a local or hub model, SFT or classification."""
 
     task: Literal["sft", "classify"] = "sft"
-    base_model: str = "runs/pretrain/hf"  # a transformers model directory or hub id (the pre-training export default)
+    # a transformers model directory or hub id; None = what `pretrain` exported (its --debug run's under --debug)
+    base_model: str | None = None
     trust_remote_code: bool = False
     name: str | None = None  # run name; None = finetune-<task>
     out_dir: str = "runs"
@@ -222,7 +239,11 @@ class FinetuneConfig:
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=2e-4, min_lr=2e-5, warmup_steps=10, weight_decay=0.0)
     )
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=200, batch_size=8, eval_every=50))
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            max_steps=150, batch_size=8, eval_every=50, eval_batches=10, save_every=50, keep_checkpoints=2
+        )
+    )
     sample: SampleConfig = field(
         default_factory=lambda: SampleConfig(
             prompts=["Who speaks these lines?\n\nIs this a dagger which I see before me,\nThe handle toward my hand?"],
@@ -242,7 +263,9 @@ class FinetuneConfig:
 class GenerateConfig:
     """``python -m <package>.generate``: sample text from a trained model."""
 
-    model: str = "runs/pretrain/hf"  # a transformers causal LM directory or hub id, or a run directory holding hf/
+    # a transformers causal LM directory or hub id, or a run directory holding hf/; None = what `pretrain` exported
+    # (its --debug run's under --debug)
+    model: str | None = None
     adapter: str | None = None  # optional LoRA adapter directory (finetune's run_dir/adapter) applied on `model`
     chat: bool | None = None  # format the prompt as in SFT (chat template / plain template); None = when an adapter
     # trained by SFT is given
@@ -260,8 +283,7 @@ class GenerateConfig:
 class DebugConfig:
     """Flags shared by every entry point, top-level on the command line (``--debug``, ``--debugpy 5678``, ...)."""
 
-    debug: bool = False  # the debug profile: tiny model, few steps, num_workers=0, deterministic, seed,
-    # no compile, no AMP, anomaly detection, eval every step
+    debug: bool = False  # apply the debug profile (profiles/debug.yaml) and name the run <name>-debug
     debugpy: str | None = None  # [HOST:]PORT, default host 127.0.0.1, port 0 = free port
     wait_for_client: bool = False
     debugpy_all_ranks: bool = True  # under torchrun: each rank listens on PORT + RANK; False = rank 0 only
@@ -282,8 +304,8 @@ C = TypeVar("C")
 
 # Help text for the top-level debug flags; behaviour lives in debug.py.
 _DEBUG_HELP = {
-    "debug": "debug profile: tiny model, few steps, num_workers=0, deterministic + fixed seed, no compile, no AMP, "
-    "anomaly detection, eval every step",
+    "debug": "apply the debug profile over --config (tiny model, few steps, num_workers=0, deterministic, no compile, "
+    "fp32, anomaly detection, eval every step; explicit flags still win) and name the run <name>-debug",
     "debugpy": "start a debugpy server on [HOST:]PORT (default host 127.0.0.1; port 0 = a free port, printed). "
     "Editor port forwarding reaches 127.0.0.1 in a dev container; 0.0.0.0 lets anyone who reaches the port run "
     "code: use it only in a container whose port is published on the host's 127.0.0.1 (docker run -p)",
@@ -319,27 +341,57 @@ def build_parser(cls: type, *, prog: str | None = None):
 
 
 def parse_config(cls: type[C], argv: list[str] | None = None, *, prog: str | None = None) -> tuple[C, DebugConfig]:
-    """Parse ``--config FILE`` + dotted overrides into ``cls`` and the top-level :class:`DebugConfig`.
+    """Parse the layers of the module docstring into ``cls`` and the top-level :class:`DebugConfig`.
 
-    Precedence: dataclass defaults < YAML file < command line (later ``--config`` files override earlier ones).
     Any error (unknown key, wrong type, failed validation, missing file) prints one line to stderr and exits with
     code 2; ``--help`` prints every option with its default and exits 0.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(cls, prog=prog)
+    files, flags = _split_config_files(argv)
     try:
-        ns = parser.parse_args(argv)
+        ns = parser.parse_args([*files, *flags])
+        profile = debug_profile(cls) if ns["debug"] else None
+        if profile:  # jsonargparse applies arguments in order: the profile goes between the files and the flags
+            ns = parser.parse_args([*files, "--config", json.dumps(profile), *flags])
         debug_names = [f.name for f in dataclasses.fields(DebugConfig)]
         dbg = DebugConfig(**{name: ns[name] for name in debug_names})
         for name in [*debug_names, "config"]:
             del ns[name]
         cfg = parser.instantiate(ns)
         cfg = cls(**{f.name: cfg[f.name] for f in dataclasses.fields(cls)})  # Namespace -> the dataclass itself
+        if profile and not cfg.name.endswith("-debug"):
+            cfg = dataclasses.replace(cfg, name=f"{cfg.name}-debug")
     except SystemExit:  # --help / --print_config exit through argparse
         raise
     except Exception as exc:  # jsonargparse raises ArgumentError / TypeError; __post_init__ raises ValueError
         fail(_one_line(exc))
     return cfg, dbg
+
+
+def _split_config_files(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the ``--config FILE`` arguments in their order, every other argument in its order)."""
+    files: list[str] = []
+    flags: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--config" and i + 1 < len(argv):
+            files += argv[i : i + 2]
+            i += 2
+            continue
+        (files if argv[i].startswith("--config=") else flags).append(argv[i])
+        i += 1
+    return files, flags
+
+
+DEBUG_PROFILE = Path(__file__).with_name("profiles") / "debug.yaml"
+
+
+def debug_profile(cls: type) -> dict[str, Any] | None:
+    """The ``--debug`` overlay for ``cls``: its section of :data:`DEBUG_PROFILE`, named after the class
+    (``PretrainConfig`` -> ``pretrain``); None when it has none (``generate``)."""
+    sections = yaml.safe_load(DEBUG_PROFILE.read_text(encoding="utf-8"))
+    return sections.get(cls.__name__.removesuffix("Config").lower())
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -354,61 +406,8 @@ def _one_line(exc: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Debug profile and serialisation
+# Serialisation
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def apply_debug_profile(cfg: C) -> C:
-    """A changed copy of ``cfg`` for ``--debug``: small and deterministic so a breakpoint is reached in seconds.
-
-    Run name ``<name>-debug`` (overwritten on every run), tiny model (when ``cfg.model`` is a :class:`ModelConfig`),
-    at most 20 steps, batch 4, no gradient accumulation,
-    evaluation + sampling + a log line every step, checkpoint at the end only, ``num_workers=0``, fixed seed,
-    deterministic algorithms, no ``torch.compile``, fp32 (no autocast), autograd anomaly detection.
-    Works for every config that has ``train: TrainConfig`` (pre-training and fine-tuning).
-    """
-    changes: dict[str, Any] = {}
-    name = getattr(cfg, "name", None)
-    if isinstance(name, str) and not name.endswith("-debug"):
-        changes["name"] = f"{name}-debug"  # never mix a tiny debug model into the real run's directory
-    if isinstance(getattr(cfg, "model", None), ModelConfig):
-        m = cfg.model
-        changes["model"] = dataclasses.replace(
-            m, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=None, max_seq_len=min(m.max_seq_len, 64)
-        )
-    data = getattr(cfg, "data", None)
-    if dataclasses.is_dataclass(data):
-        data_changes: dict[str, Any] = {}
-        if hasattr(data, "num_workers"):
-            data_changes["num_workers"] = 0
-        if isinstance(data, DataConfig):
-            data_changes["seq_len"] = min(data.seq_len, 64)
-        if isinstance(data, FinetuneDataConfig):
-            data_changes["max_seq_len"] = min(data.max_seq_len, 128)
-        changes["data"] = dataclasses.replace(data, **data_changes)
-    if isinstance(getattr(cfg, "train", None), TrainConfig):
-        t = cfg.train
-        changes["train"] = dataclasses.replace(
-            t,
-            max_steps=min(t.max_steps, 20),
-            batch_size=min(t.batch_size, 4),
-            grad_accum=1,
-            log_every=1,
-            eval_every=1,
-            eval_batches=min(t.eval_batches, 2),
-            save_every=0,
-            overwrite=True,  # the debug run is disposable and re-run often
-            seed=1337,
-            precision="fp32",
-            compile=False,
-            deterministic=True,
-            detect_anomaly=True,
-        )
-    if isinstance(getattr(cfg, "optim", None), OptimConfig):
-        changes["optim"] = dataclasses.replace(cfg.optim, warmup_steps=min(cfg.optim.warmup_steps, 2))
-    if isinstance(getattr(cfg, "sample", None), SampleConfig):
-        changes["sample"] = dataclasses.replace(cfg.sample, max_new_tokens=min(cfg.sample.max_new_tokens, 16))
-    return dataclasses.replace(cfg, **changes)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

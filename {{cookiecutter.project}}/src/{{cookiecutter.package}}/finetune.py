@@ -7,9 +7,9 @@ Two tasks, chosen by ``task``:
 - ``classify``: sequence classification on CSV/JSONL text + label (data/classify.py: label set inferred and saved,
   optional class-weighted loss). Evaluation: accuracy, per-class and macro precision/recall/F1, confusion matrix.
 
-The base model is any transformers directory or hub id, or a pre-training run directory; the default is
-``runs/pretrain/hf`` (what ``pretrain`` exports), so pretrain -> finetune runs offline on the builtin data sets.
-Under ``--debug`` a missing pre-trained model is replaced by a tiny random one built from the debug profile.
+The base model is any transformers directory or hub id, or a pre-training run directory; by default it is what
+``pretrain`` exported (``runs/pretrain/hf``), so pretrain -> finetune runs offline on the builtin data sets. Under
+``--debug`` the default is the debug pre-training run's export, or a tiny random model of the debug profile's size.
 
 Training is pretrain's: the same ``fit()`` / ``train_step`` / checkpoints (only the trainable adapter weights and
 their optimizer state are checkpointed; ``--train.resume auto`` wraps a fresh base model once and loads them back).
@@ -40,7 +40,7 @@ from .config import (
     DebugConfig,
     FinetuneConfig,
     PretrainConfig,
-    apply_debug_profile,
+    parse_config,
 )
 from .data import classify as cls_data
 from .data import sft as sft_data
@@ -88,18 +88,20 @@ def peft_model_of(model: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------------------------------------------------
 # Base model resolution (defaults and the --debug fallback)
 # ----------------------------------------------------------------------------------------------------------------------
+def pretrain_defaults(debug: bool) -> PretrainConfig:
+    """What a bare ``pretrain`` (``pretrain --debug``) run is configured with."""
+    return parse_config(PretrainConfig, ["--debug"] if debug else [])[0]
+
+
 def pretrain_export_dir(debug: bool) -> Path:
     """Where ``pretrain`` (with or without ``--debug``) writes its transformers export."""
-    p = PretrainConfig()
-    if debug:
-        p = apply_debug_profile(p)
+    p = pretrain_defaults(debug)
     return Path(p.out_dir) / p.name / "hf"
 
 
 def resolve_base_model(cfg: FinetuneConfig, debug: bool) -> str | None:
-    """The model to fine-tune; None = build a tiny one (``--debug`` without a pre-trained model)."""
-    default = str(pretrain_export_dir(debug=False))
-    if cfg.base_model != default:
+    """``--base_model``, or else what ``pretrain`` exported; None = build a tiny one (``--debug`` without it)."""
+    if cfg.base_model is not None:
         return cfg.base_model
     export = pretrain_export_dir(debug)
     if (export / "config.json").is_file():
@@ -124,7 +126,7 @@ def build_tiny_base(out_dir: Path, max_seq_len: int) -> str:
     texts = [t for t in read_corpus_text().split("\n\n") if t.strip()]
     tokenizer = train_tokenizer(texts, vocab_size=1024)
     model_cfg = dataclasses.replace(
-        apply_debug_profile(PretrainConfig()).model, vocab_size=len(tokenizer), max_seq_len=max_seq_len
+        pretrain_defaults(debug=True).model, vocab_size=len(tokenizer), max_seq_len=max_seq_len
     )
     export_hf(LlamaLM(model_cfg), out_dir, tokenizer)
     return str(out_dir)

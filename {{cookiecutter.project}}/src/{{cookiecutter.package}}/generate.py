@@ -1,7 +1,7 @@
 """Sample text: ``python -m <package>.generate --prompt "MACBETH."`` [--adapter runs/finetune-sft/adapter].
 
-One path for every model: the model is a transformers directory (default ``runs/pretrain/hf``, what ``pretrain``
-exports; a fine-tune's merged ``hf/``; any local causal LM) or a run directory holding one, loaded with
+One path for every model: the model is a transformers directory (by default what ``pretrain`` exported,
+``runs/pretrain/hf``; a fine-tune's merged ``hf/``; any local causal LM) or a run directory holding one, loaded with
 ``AutoModelForCausalLM``; ``--adapter`` puts a LoRA adapter from ``finetune`` on top (peft), and transformers'
 ``generate`` samples. With an SFT adapter the prompt is rendered with the same chat / plain template as in training
 (``--chat`` forces it on or off); the template's end-of-turn token stops generation.
@@ -29,18 +29,16 @@ from .train.distributed import resolve_device
 
 
 def resolve_model(cfg: GenerateConfig, debug: bool) -> str:
-    """``--debug`` reads the debug pretrain run when the model is left at its default."""
-    if debug and cfg.model == str(pretrain_export_dir(debug=False)):
-        export = pretrain_export_dir(debug=True)
-        if not (export / "config.json").is_file():
-            raise ConfigError(f"{export} not found: run `python -m {__package__}.pretrain --debug` first")
+    """``--model``, or else what ``pretrain`` exported (its ``--debug`` run's under ``--debug``)."""
+    if cfg.model is not None:
+        return cfg.model
+    export = pretrain_export_dir(debug)
+    if (export / "config.json").is_file():
         return str(export)
-    if cfg.model == str(pretrain_export_dir(debug=False)) and not Path(cfg.model).is_dir():
-        raise ConfigError(
-            f"{cfg.model} not found: run pretrain first (python -m {__package__}.pretrain --config "
-            "configs/pretrain.yaml) or pass --model DIR"
-        )
-    return cfg.model
+    how = "--debug" if debug else "--config configs/pretrain.yaml"
+    raise ConfigError(
+        f"{export} not found: run pretrain first (python -m {__package__}.pretrain {how}) or pass --model DIR"
+    )
 
 
 def adapter_task(adapter_dir: str | Path) -> str | None:
@@ -97,7 +95,7 @@ def run(cfg: GenerateConfig, dbg: DebugConfig | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_cli(GenerateConfig, run, argv, prog=f"python -m {__package__}.generate", debug_profile=False, interrupted=None)
+    run_cli(GenerateConfig, run, argv, prog=f"python -m {__package__}.generate", interrupted=None)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ tokens (cached), trains, evaluates (loss, perplexity) and prints samples every `
 checkpoints into ``runs/<name>/checkpoints`` and finally exports a transformers model to ``runs/<name>/hf`` that
 ``finetune`` and ``generate`` load.
 
-    python -m <package>.pretrain --config configs/pretrain-debug.yaml          # < 1 min on a laptop CPU
+    python -m <package>.pretrain --config configs/pretrain.yaml --debug        # tiny: < 1 min on a laptop CPU
     python -m <package>.pretrain --config configs/pretrain.yaml --train.max_steps 20 --train.resume auto
     python -m <package>.pretrain --debug --debugpy 5678 --wait-for-client      # attach VS Code, then step
     torchrun --nproc_per_node=2 -m <package>.pretrain --config configs/pretrain.yaml

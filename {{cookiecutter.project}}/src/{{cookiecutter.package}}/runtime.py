@@ -7,9 +7,10 @@ model.
 
 ``train.compile: auto`` (the default) compiles on CUDA, where fusing the many small elementwise kernels of a step and
 removing Python overhead pays for the compile time many times over, and stays eager everywhere a person is looking:
-``--debug``, ``--break-on-nonfinite`` (its hooks inspect every module's output) and an attached debugger (a
-breakpoint inside a compiled module does not stop). On a CPU the compile time (a C++ toolchain, minutes for a real
-model) is rarely won back in the short runs people do there. ``true`` / ``false`` force it either way.
+``--debug`` (its profile sets ``compile: false``), ``--break-on-nonfinite`` (its hooks inspect every module's output)
+and an attached debugger (a breakpoint inside a compiled module does not stop). On a CPU the compile time (a C++
+toolchain, minutes for a real model) is rarely won back in the short runs people do there. ``true`` / ``false`` force
+it either way; a ``--train.compile`` flag beats the ``--debug`` profile like any other flag.
 """
 
 from __future__ import annotations
@@ -73,8 +74,6 @@ def training_run(cfg: Any, dbg: DebugConfig) -> Iterator[RunContext]:
 
 def compile_decision(setting: bool | str, device: torch.device, dbg: DebugConfig) -> tuple[bool, str]:
     """(compile or not, why) for ``train.compile`` = ``setting`` on ``device`` with the debug flags ``dbg``."""
-    if dbg.debug:
-        return False, "--debug runs eager so breakpoints stop everywhere"
     if dbg.break_on_nonfinite:
         return False, "--break-on-nonfinite inspects every module eagerly"
     if setting is True or setting == "true":
