@@ -51,7 +51,7 @@ def tiny_train_config() -> TrainConfig:
         seed=0,
         device="cpu",
         precision="fp32",
-        tensorboard=False,
+        logger="none",
     )
 
 
@@ -104,7 +104,7 @@ def pretrain_args(small_corpus: Path, data_cache_dir: Path, tmp_path: Path) -> l
         "--train.save_every", "4",
         "--train.device", "cpu",
         "--train.precision", "fp32",
-        "--train.tensorboard", "false",
+        "--train.logger", "none",
         "--sample.max_new_tokens", "8",
         "--export_hf", "false",
     ]  # fmt: skip

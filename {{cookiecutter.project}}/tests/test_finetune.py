@@ -52,7 +52,7 @@ def classify_file(tmp_path):
 
 def _cfg(task, base, data_path, out_dir, **overrides) -> FinetuneConfig:
     train = dict(max_steps=12, batch_size=8, log_every=1, eval_every=0, save_every=0, keep_checkpoints=0, seed=0,
-                 device="cpu", precision="fp32", tensorboard=False)  # fmt: skip
+                 device="cpu", precision="fp32", logger="none")  # fmt: skip
     train.update(overrides.pop("train", {}))
     return FinetuneConfig(
         task=task,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import time
 
 import pytest
 import torch
@@ -90,7 +91,7 @@ def _health_run(model, cfg, tokens, tmp_path):
 def test_grad_health_writes_per_module_series_to_tensorboard(tiny_model, tiny_train_config, pattern_tokens, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = dataclasses.replace(tiny_train_config, max_steps=4, log_every=2, tensorboard=True)
+    cfg = dataclasses.replace(tiny_train_config, max_steps=4, log_every=2, logger="tensorboard")
     _health_run(tiny_model, cfg, pattern_tokens, tmp_path)
     events = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"histograms": 0, "scalars": 0})
     events.Reload()
@@ -144,3 +145,93 @@ def test_huge_learning_rate_triggers_the_exploding_warning_before_the_loss_turns
             nan_at = step
     assert warned_at is not None and warned_at > 11  # nothing during the normal steps
     assert nan_at is None or warned_at < nan_at
+
+
+# ---------------------------------------------------------------------------------------------- Weights & Biases
+
+
+def _wandb_history(path, timeout: float = 30.0):
+    """(run id, history rows) of an offline W&B run, read from its .wandb file: LevelDB log records (7-byte headers
+    in 32 KiB blocks) holding wandb's protobuf Records, after a 7-byte file header. wandb's service process may still
+    be writing after ``finish()`` returns: read until the run's final ``exit`` record is there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = _wandb_records(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    run_id = next(r.run.run_id for r in records if r.WhichOneof("record_type") == "run")
+    history = [
+        {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+    ]
+    return run_id, history
+
+
+def _wandb_records(path):
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, chunks, records = path.read_bytes(), 7, b"", []
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0:  # block padding
+            pos += left
+            continue
+        if pos + 7 + length > len(data):  # still being written
+            break
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        chunks = chunk if kind in (1, 2) else chunks + chunk  # full, first | middle, last
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunks)
+            records.append(record)
+    return records
+
+
+def test_wandb_offline_run_logs_what_metrics_jsonl_has_and_resume_keeps_its_id(
+    tiny_model, tiny_train_config, pattern_tokens, tmp_path, monkeypatch
+):
+    pytest.importorskip("wandb", reason='W&B is optional: pip install -e ".[wandb]"')
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = dataclasses.replace(tiny_train_config, max_steps=4, log_every=2, save_every=2, logger="wandb")
+    run_dir = tmp_path / "run"
+    fit(tiny_model, TokenWindows(pattern_tokens, cfg.batch_size, 16, seed=0), cfg, run_dir, progress=False)
+    (path,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    run_id, history = _wandb_history(path)
+    assert (run_dir / "wandb-run-id").read_text().strip() == run_id
+    logged = {row["_step"]: row for row in history if "train/loss" in row}
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(logged) == [2, 4]  # the log steps
+    for record in metrics:
+        if record["step"] in logged:
+            assert logged[record["step"]]["train/loss"] == pytest.approx(record["loss"], rel=1e-6)
+    assert any(key.startswith("grad_norm/") for row in history for key in row)  # gradient health goes there too
+    assert not (run_dir / "tb").exists()  # logger=wandb: no TensorBoard files
+
+    more = dataclasses.replace(cfg, max_steps=6)
+    source = TokenWindows(pattern_tokens, cfg.batch_size, 16, seed=0)
+    fit(tiny_model, source, more, run_dir, resume="auto", progress=False)
+    runs = [_wandb_history(path) for path in (run_dir / "wandb").glob("offline-run-*/run-*.wandb")]
+    assert len(runs) == 2 and {rid for rid, _ in runs} == {run_id}  # the resumed run continued the same W&B run
+    resumed = next(rows for _, rows in runs if any(row.get("_step") == 6 for row in rows))
+    assert sorted(row["_step"] for row in resumed if "train/loss" in row) == [6]
+
+
+def test_wandb_logger_without_the_package_is_a_one_line_error(monkeypatch):
+    import sys
+
+    from {{ cookiecutter.package }}.config import ConfigError
+    from {{ cookiecutter.package }}.train.logger import require_logger
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    with pytest.raises(ConfigError, match=r'train.logger=both needs wandb: pip install -e ".\[wandb\]"'):
+        require_logger("both")
+    require_logger("tensorboard")  # needs nothing extra

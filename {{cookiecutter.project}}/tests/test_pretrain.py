@@ -30,7 +30,7 @@ def _exit_code(argv: list[str]) -> int:
 
 
 def test_tiny_run_writes_everything(tmp_path, pretrain_args, capsys):
-    pretrain.main([*pretrain_args, "--export_hf", "true", "--train.tensorboard", "true"])
+    pretrain.main([*pretrain_args, "--export_hf", "true", "--train.logger", "tensorboard"])
     out = capsys.readouterr().out
     run_dir = tmp_path / "runs" / "tiny"
 

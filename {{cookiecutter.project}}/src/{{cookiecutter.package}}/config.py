@@ -144,7 +144,9 @@ class TrainConfig:
     deterministic: bool = False  # torch.use_deterministic_algorithms + fixed seeds (slower; for debugging)
     detect_anomaly: bool = False  # autograd anomaly detection: names the op that produced a NaN (very slow)
     peak_tflops: float | None = None  # device peak for MFU; None = look up the GPU / measure once
-    tensorboard: bool = True  # write TensorBoard scalars under run_dir/tb
+    # where metrics go besides metrics.jsonl: TensorBoard (run_dir/tb), Weights & Biases (pip install -e ".[wandb]";
+    # WANDB_MODE=offline needs no account), both, or none
+    logger: Literal["tensorboard", "wandb", "both", "none"] = "tensorboard"
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_batches"):

@@ -390,7 +390,7 @@ def finish(cfg, run_dir, model, tokenizer, data, history, base, counts, evaluate
         result["eval"] = evaluate_fn(raw_model, data, cfg.train.batch_size, device)
         raw_model.train()
     (run_dir / METRICS_FILE).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    log_final_metrics(run_dir, result, cfg.train.tensorboard)
+    log_final_metrics(run_dir, result, cfg.train.logger in ("tensorboard", "both"))
     print(summary_line(result, run_dir), flush=True)
 
     if cfg.merge:

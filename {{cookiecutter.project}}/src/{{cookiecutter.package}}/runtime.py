@@ -28,6 +28,7 @@ from torch import nn
 from .config import DebugConfig, config_to_yaml, save_config
 from .debug import debugger_attached, start_debugger
 from .train.distributed import DistInfo, get_rank, init_distributed, teardown, wrap_ddp
+from .train.logger import require_logger
 from .train.loop import resolve_start, setup_runtime
 
 
@@ -41,6 +42,7 @@ class RunContext:
 
     def start(self, cfg: Any) -> None:
         """Print the resolved config (rank 0), then seeds, determinism and TF32: call before building the model."""
+        require_logger(cfg.train.logger)  # a missing wandb fails here, before the data and the model
         if self.info.is_main:
             print(config_to_yaml(cfg), end="", flush=True)
         setup_runtime(cfg.train, self.info.device)

@@ -6,11 +6,17 @@ Three pieces, all used by :func:`.loop.fit`:
   leaves its numbers on the device, and reading them once per ``log_every`` is what keeps a GPU busy;
 - :class:`GradHealth` measures each module's gradient and weight norms and its update/weight ratio on the steps it is
   due (``train.grad_stats_every``), and warns when gradients vanish or explode;
-- :class:`RunLogger` turns the records into output, on rank 0 only (every method is a no-op elsewhere).
+- :class:`RunLogger` turns the records into output, on rank 0 only (every method is a no-op elsewhere): TensorBoard
+  and/or Weights & Biases (``train.logger``), the progress bar, log lines and ``metrics.jsonl``.
+
+W&B is optional (``pip install -e ".[wandb]"``). ``WANDB_MODE=offline`` logs to ``<run_dir>/wandb/`` with no account
+and no network (``wandb sync`` uploads it later); the run id is kept in ``<run_dir>/wandb-run-id`` so a resumed run
+continues the same W&B run; ``WANDB_PROJECT`` picks the project (default: this package's name).
 """
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import statistics
@@ -23,8 +29,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import TrainConfig
+from ..config import ConfigError, TrainConfig
 from .step import StepResult
+
+WANDB_ID_FILE = "wandb-run-id"
+
+
+def require_logger(logger: str) -> None:
+    """Fail in one line, before any work, when ``train.logger`` needs a package that is not installed."""
+    if logger not in ("wandb", "both"):
+        return
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            f'train.logger={logger} needs wandb: pip install -e ".[wandb]" (or pip install wandb)'
+        ) from None
 
 
 class StepLog:
@@ -186,25 +206,37 @@ class GradHealth:
 
 
 class RunLogger:
-    """Progress bar, log lines, TensorBoard scalars/text and ``metrics.jsonl`` of one run (rank 0 writes).
+    """Progress bar, log lines, TensorBoard / W&B and ``metrics.jsonl`` of one run (rank 0 writes).
 
     A resumed run first drops the ``metrics.jsonl`` lines of steps after its checkpoint (a killed run may have
     written a few more) and tells TensorBoard to purge them, so both read like one uninterrupted run.
     """
 
-    def __init__(self, run_dir: Path, cfg: TrainConfig, start_step: int, *, main: bool, progress: bool) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: TrainConfig,
+        start_step: int,
+        *,
+        main: bool,
+        progress: bool,
+        config: dict | None = None,
+    ) -> None:
         self.main, self.max_steps = main, cfg.max_steps
         self.metrics_path = run_dir / "metrics.jsonl"
         self.bar: Any = None
         self.writer: Any = None
+        self.wandb: Any = None
         if not main:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         truncate_metrics(self.metrics_path, start_step)
-        if cfg.tensorboard:
+        if cfg.logger in ("tensorboard", "both"):
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        if cfg.logger in ("wandb", "both"):
+            self.wandb = start_wandb(run_dir, start_step, config)
         if progress:
             from tqdm.auto import tqdm
 
@@ -231,13 +263,13 @@ class RunLogger:
         head += f"  grad_norm {record['grad_norm']:.3f}"
         if "compile_s" in record:
             self.write(f"{head}  compiling: {record['compile_s']:.1f} s (throughput is logged from the next step on)")
+            self._scalars({"train/loss": record["loss"], "train/compile_s": record["compile_s"]}, record["step"])
             return
         self.write(f"{head}  tok/s {record['tokens_per_s']:,.0f}  mfu {100 * record['mfu']:.1f}%")
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
-        if self.writer is not None:
-            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
-                self.writer.add_scalar(f"train/{key}", record[key], record["step"])
+        scalars = {f"train/{key}": record[key] for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu")}
+        self._scalars(scalars, record["step"])
 
     def eval_lines(self, step: int, record: dict, texts: str | list[str] | None) -> None:
         """The evaluation numbers (``eval_*`` keys of ``record``) and the samples, as lines and in TensorBoard."""
@@ -246,14 +278,17 @@ class RunLogger:
         evals = {k[5:]: v for k, v in record.items() if k.startswith("eval_")}
         if evals:
             self.write(f"eval step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in evals.items()))
-        if self.writer is not None:
-            for key, value in evals.items():
-                self.writer.add_scalar(f"eval/{key}", value, step)
+        self._scalars({f"eval/{k}": v for k, v in evals.items()}, step)
         texts = [texts] if isinstance(texts, str) else list(texts or [])
         for i, text in enumerate(texts):
             self.write(f"--- sample {i} (step {step}) ---\n{text}\n---")
         if texts and self.writer is not None:
             self.writer.add_text("samples", "\n\n".join(f"    {t}".replace("\n", "\n    ") for t in texts), step)
+        if texts and self.wandb is not None:
+            import wandb
+
+            pre = "".join(f"<pre>{html.escape(t)}</pre>" for t in texts)
+            self.wandb.log({"samples": wandb.Html(pre)}, step=step)
 
     def grad_health(self, step: int, stats: dict[str, dict[str, float]], samples: list[Tensor], warnings: list[str]):
         """Per-module scalars and gradient histograms in TensorBoard; warnings as lines on stderr."""
@@ -261,12 +296,21 @@ class RunLogger:
             return
         for line in warnings:
             print(line, file=sys.stderr, flush=True)
-        if self.writer is None:
-            return
-        for (module, values), sample in zip(stats.items(), samples, strict=True):
-            for key, value in values.items():
-                self.writer.add_scalar(f"{key}/{module}", value, step)
-            self.writer.add_histogram(f"grad/{module}", sample, step)
+        self._scalars({f"{key}/{m}": value for m, values in stats.items() for key, value in values.items()}, step)
+        for module, sample in zip(stats, samples, strict=True):
+            if self.writer is not None:
+                self.writer.add_histogram(f"grad/{module}", sample, step)
+            if self.wandb is not None:
+                import wandb
+
+                self.wandb.log({f"grad/{module}": wandb.Histogram(sample.float().numpy())}, step=step)
+
+    def _scalars(self, scalars: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
+        if self.wandb is not None and scalars:
+            self.wandb.log(scalars, step=step)
 
     def append_metrics(self, records: list[dict]) -> None:
         if self.main and records:
@@ -278,6 +322,22 @@ class RunLogger:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def start_wandb(run_dir: Path, start_step: int, config: dict | None) -> Any:
+    """A W&B run for ``run_dir``: the same run id again when resuming (kept in ``run_dir/wandb-run-id``), a new one
+    for a fresh start. Files go to ``run_dir/wandb``; WANDB_MODE / WANDB_PROJECT / WANDB_ENTITY apply as usual."""
+    import uuid
+
+    import wandb
+
+    id_file = run_dir / WANDB_ID_FILE
+    run_id = id_file.read_text(encoding="utf-8").strip() if start_step and id_file.is_file() else uuid.uuid4().hex[:8]
+    id_file.write_text(run_id + "\n", encoding="utf-8")
+    project = os.environ.get("WANDB_PROJECT") or __name__.split(".")[0]
+    return wandb.init(project=project, name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir), config=config)
 
 
 def truncate_metrics(path: Path, after_step: int) -> None:

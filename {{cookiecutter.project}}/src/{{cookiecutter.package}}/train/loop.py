@@ -384,10 +384,11 @@ def fit(
     dtype = resolve_precision(device, cfg.precision)
     autocast = autocast_context(device, dtype)
     steps = StepLog(flops_per_token, peak_flops(device, dtype, cfg.peak_tflops)[0] * get_world_size())
-    logger = RunLogger(run_dir, cfg, start_step, main=get_rank() == 0, progress=progress)
+    config_dict = config_to_dict(config) if config is not None else None
+    logger = RunLogger(run_dir, cfg, start_step, main=get_rank() == 0, progress=progress, config=config_dict)
     health = GradHealth(raw, cfg.log_every if cfg.grad_stats_every is None else cfg.grad_stats_every)
     ckpt_root, checkpoint_kwargs = run_dir / "checkpoints", {"extra_state": extra_state, "save_model": save_model}
-    checkpoint_kwargs["config"] = config_to_dict(config) if config is not None else None
+    checkpoint_kwargs["config"] = config_dict
     compiling = is_compiled(model)  # its first step compiles the model: logged as such, not as throughput
     anomaly = torch.autograd.detect_anomaly(check_nan=True) if cfg.detect_anomaly else contextlib.nullcontext()
     if start_step >= cfg.max_steps:
