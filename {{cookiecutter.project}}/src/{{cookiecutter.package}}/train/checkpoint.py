@@ -18,7 +18,7 @@ cleaned up by the next save. :func:`latest_checkpoint` also survives a missing o
 back to the newest complete ``step-*`` directory.
 
 Each checkpoint verifies itself: ``manifest.json`` lists every other file of the directory with its size and sha256
-(``{"format": 1, "files": {"model.safetensors": {"size": 5678, "sha256": "..."}, ...}}``) and is written before the
+(``{"format": 1, "files": {"model.safetensors": {"size": 5678, "sha256": "..."}, ...} }``) and is written before the
 directory is published. Everything that reads a checkpoint checks it first (sizes, then hashes) and a damaged one
 raises :class:`DamagedCheckpointError`, one line naming the file and what is wrong. :func:`resolve_resume` skips
 damaged checkpoints with one line each and takes the newest intact one. Nothing is deleted because it is damaged:
@@ -237,7 +237,7 @@ def write_manifest(directory: Path) -> None:
 
 
 def _read_manifest(directory: Path) -> dict[str, dict]:
-    """``{relative path: {"size", "sha256"}}``; raises ValueError saying what is wrong with the manifest."""
+    """``{relative path: {"size", "sha256"} }``; raises ValueError saying what is wrong with the manifest."""
     try:
         manifest = json.loads((directory / MANIFEST_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as err:

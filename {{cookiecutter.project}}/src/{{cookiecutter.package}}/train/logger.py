@@ -168,7 +168,7 @@ class GradHealth:
         self._grads, self._before, self._samples = None, [], []
 
     def read(self) -> tuple[int, dict[str, dict[str, float]], list[Tensor], list[str]] | None:
-        """(step, {module: {grad_norm, weight_norm, update_ratio}}, gradient samples, warnings) of the pending
+        """(step, per-module grad_norm / weight_norm / update_ratio, gradient samples, warnings) of the pending
         measurement (one device read), or None."""
         if self.pending is None:
             return None
