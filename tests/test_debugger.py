@@ -208,11 +208,16 @@ def local_checkout(project: Path, root: Path) -> Path:
     return local
 
 
-def start_listening_pretrain(project: Path, *extra: str, env: dict[str, str] | None = None) -> Program:
-    argv = [sys.executable, "-m", f"{DEFAULT_PACKAGE}.pretrain", "--config", "configs/pretrain.yaml", "--debug"]
+def start_pretrain(project: Path, *args: str, env: dict[str, str] | None = None) -> Program:
     run_env = base_env()
     run_env.update({"PYTHONPATH": str(project / "src"), "PYDEVD_DISABLE_FILE_VALIDATION": "1", **(env or {})})
-    return Program([*argv, "--train.max_steps", "1", *extra], project, run_env)
+    return Program([sys.executable, "-m", f"{DEFAULT_PACKAGE}.pretrain", *args], project, run_env)
+
+
+def start_listening_pretrain(project: Path, *extra: str, env: dict[str, str] | None = None) -> Program:
+    return start_pretrain(
+        project, "--config", "configs/pretrain.yaml", "--debug", "--train.max_steps", "1", *extra, env=env
+    )
 
 
 @pytest.mark.slow
@@ -280,15 +285,19 @@ def test_break_on_nonfinite_stops_in_the_debugger_at_the_module(project):
 
 @pytest.mark.slow
 def test_break_on_nonfinite_without_debugger_is_a_clear_error(project):
-    program = start_listening_pretrain(
-        project, "--train.max_steps", "2", "--break-on-nonfinite", env={INJECT_ENV: "layers.0.self_attn:1"}
-    )
+    """A checkpoint every step and a NaN at step 3: the run stops with the module named, and step 2's checkpoint is
+    still the latest. (Not --debug: its profile saves only at the end, so a NaN run would save nothing either way.)"""
+    ckpts = project / "runs" / "nan-after-save" / "checkpoints"
+    args = ["--config", "configs/pretrain-debug.yaml", "--name", "nan-after-save", "--train.max_steps", "4"]
+    args += ["--train.save_every", "1", "--train.eval_every", "0", "--train.keep_checkpoints", "0"]
+    program = start_pretrain(project, *args, "--break-on-nonfinite", env={INJECT_ENV: "layers.0.self_attn:3"})
     try:
         code = program.wait(EXIT_TIMEOUT)
         assert code != 0
         assert "non-finite output of module 'layers.0.self_attn'" in program.output
-        assert "at step 1" in program.output
-        assert not list((project / "runs").glob("pretrain-debug/checkpoints/step-*")), "nothing saved after a NaN"
+        assert "at step 3" in program.output
+        assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-000001", "step-000002"], program.output
+        assert (ckpts / "latest").read_text().strip() == "step-000002", "the last good checkpoint stays the latest"
     finally:
         program.kill()
 

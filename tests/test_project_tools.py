@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,22 @@ import pytest
 from conftest import project_env, run
 
 LINTED = ["defaults", "py310-cuda12", "custom-names", "vscode-only", "no-container-no-license"]
+
+# The generated suite may skip only what this machine cannot run: tests that need a CUDA GPU, and on a GPU the QLoRA
+# test without the optional bitsandbytes extra. Any other skip (a required package that fails to import, say) would
+# turn a broken install into a green run.
+ALLOWED_SKIP_REASON = re.compile(r'needs (a )?CUDA( GPU)?|QLoRA needs pip install -e "\.\[qlora\]"')
+SKIPPED_LINE = re.compile(r"^SKIPPED \[(\d+)\] (\S+:\d+): (.*)$", re.MULTILINE)
+
+
+def assert_only_allowed_skips(pytest_stdout: str) -> None:
+    """Check pytest's ``-rs`` summary: every skip reason is an allowed one, and the summary lists every skip."""
+    lines = SKIPPED_LINE.findall(pytest_stdout)
+    unexpected = [f"{where}: {reason}" for _, where, reason in lines if not ALLOWED_SKIP_REASON.search(reason)]
+    assert not unexpected, "unexpected skips in the generated suite:\n" + "\n".join(unexpected)
+    total = re.search(r"(\d+) skipped", pytest_stdout)
+    # A count the lines do not add up to would mean this parser missed some (a changed summary format).
+    assert sum(int(n) for n, _, _ in lines) == (int(total.group(1)) if total else 0), pytest_stdout[-3000:]
 
 
 @pytest.mark.parametrize("name", LINTED)
@@ -47,17 +64,20 @@ def test_pre_commit_clean(baked_projects: dict[str, Path], tmp_path: Path) -> No
 def test_project_test_suite_passes(baked_projects: dict[str, Path]) -> None:
     """The generated project's own tests (slow ones included) pass, against the session's shared install."""
     project = baked_projects["defaults"]
-    result = run(project, "-m", "pytest", "-q", "-p", "no:cacheprovider", timeout=900, check=False)
+    result = run(project, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", timeout=900, check=False)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert " passed" in result.stdout
+    assert_only_allowed_skips(result.stdout)
 
 
 @pytest.mark.slow
 def test_renamed_package_fast_tests_pass(baked_projects: dict[str, Path]) -> None:
     """A non-default package name, Python floor and IDE choice: the fast part of its suite passes too."""
     project = baked_projects["custom-names"]
-    result = run(project, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider", timeout=600, check=False)
+    args = ["-m", "pytest", "-q", "-rs", "-m", "not slow", "-p", "no:cacheprovider"]
+    result = run(project, *args, timeout=600, check=False)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert_only_allowed_skips(result.stdout)
 
 
 @pytest.mark.slow

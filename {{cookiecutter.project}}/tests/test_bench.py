@@ -8,8 +8,6 @@ import torch
 
 from {{ cookiecutter.package }} import bench
 
-pytest.importorskip("transformers")
-
 SHAPE = {
     "--layers": 1,
     "--dim": 32,

@@ -64,20 +64,42 @@ def gloo_world_of_one(monkeypatch):
 
 
 def test_ddp_accumulation_matches_plain_model(gloo_world_of_one, tiny_model):
+    """Only the last micro-batch of a step all-reduces, once, on the accumulated gradient.
+
+    With one rank a real all-reduce is the identity, so any sync placement would give the plain model's gradients.
+    The comm hook stands in for a second rank that contributes zero gradients: it halves each bucket it reduces.
+    Synced once after accumulation the gradient is exactly half the plain model's (so lr 0.5 here == lr 0.25 there);
+    syncing every micro-batch would halve the first ones twice, and no_sync on the wrong micro-batch would leave the
+    last one unhalved."""
     plain = copy.deepcopy(tiny_model)
     # wrap_ddp only wraps for world_size > 1; build the wrapper directly to exercise no_sync on one process.
     ddp = torch.nn.parallel.DistributedDataParallel(tiny_model)
     assert D.unwrap(ddp) is tiny_model and D.is_distributed() is False  # world of one: helpers stay local
+    forwards = []  # one entry per micro-batch forward, so len() is the number of the micro-batch now running
+    tiny_model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    synced = []  # (micro-batch number, bucket index) of every all-reduce
+
+    def zero_second_rank(state, bucket):
+        synced.append((len(forwards), bucket.index()))
+        fut = torch.futures.Future()
+        fut.set_result(bucket.buffer() / 2)
+        return fut
+
+    ddp.register_comm_hook(None, zero_second_rank)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 96, (4, 16), generator=g)
-    micro = [{"input_ids": ids[:2], "labels": ids[:2]}, {"input_ids": ids[2:], "labels": ids[2:]}]
-    results = []
-    for model in (ddp, plain):
-        opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        results.append(train_step(model, micro, opt, None, grad_clip=0.0, autocast=contextlib.nullcontext(), step=0))
-    assert results[0].loss == pytest.approx(results[1].loss, rel=1e-6)
-    for p, q in zip(tiny_model.parameters(), plain.parameters(), strict=True):
-        torch.testing.assert_close(p, q)
+    ids = torch.randint(0, 96, (2, 6, 16), generator=g)  # 2 steps x 3 micro-batches of 2 sequences
+    steps = [[{"input_ids": x, "labels": x} for x in step.split(2)] for step in ids]
+    ddp_opt = torch.optim.SGD(ddp.parameters(), lr=0.5)
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.25)
+    for n, micro in enumerate(steps, start=1):
+        kwargs = {"grad_clip": 0.0, "autocast": contextlib.nullcontext(), "step": n}
+        a = train_step(ddp, micro, ddp_opt, None, **kwargs)
+        b = train_step(plain, micro, plain_opt, None, **kwargs)
+        assert float(a.loss) == pytest.approx(float(b.loss), rel=1e-6)
+        for p, q in zip(tiny_model.parameters(), plain.parameters(), strict=True):
+            torch.testing.assert_close(p, q)
+    buckets = sorted({index for _, index in synced})
+    assert synced and sorted(synced) == [(mb, index) for mb in (3, 6) for index in buckets]
 
 
 def _losses(path) -> list[float]:

@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from sklearn import metrics as skm
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from {{ cookiecutter.package }} import finetune
 from {{ cookiecutter.package }}.config import (
@@ -24,6 +27,7 @@ from {{ cookiecutter.package }}.config import (
     TrainConfig,
     parse_config,
 )
+from {{ cookiecutter.package }}.data import sft as sft_data
 from {{ cookiecutter.package }}.lora import load_adapter
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -41,12 +45,38 @@ def sft_file(tmp_path):
 
 
 @pytest.fixture
+def sft_val_file(tmp_path):
+    # 12 examples of different lengths: two evaluation batches (8 + 4) whose mean losses differ, so a mean of batch
+    # means would not equal the token-weighted mean.
+    pairs = [*SFT_PAIRS, ("Colour of the sea in a storm?", "dark grey"), ("Colour of coal?", "black as night")] * 2
+    path = tmp_path / "sft-val.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs))
+    return path
+
+
+ENDINGS = (("love", "comedy"), ("war", "history"), ("death", "tragedy"))
+
+
+@pytest.fixture
 def classify_file(tmp_path):
     # The label is decided by the last word, which the classifier pools (the last non-padding token).
     path = tmp_path / "cls.csv"
     rows = [(f"the {w} story ends in {end}", label) for w in ("old", "new", "sad", "odd", "long", "short")
-            for end, label in (("love", "comedy"), ("war", "history"), ("death", "tragedy"))]  # fmt: skip
+            for end, label in ENDINGS]  # fmt: skip
     path.write_text("text,label\n" + "".join(f"{t},{lab}\n" for t, lab in rows * 2))
+    return path
+
+
+@pytest.fixture
+def classify_val_file(tmp_path):
+    # 9 rows labelled as in training plus 3 mislabelled ones, all below the diagonal: a model that learned the rule
+    # gets an asymmetric confusion matrix, so swapping gold and predicted labels changes precision, recall and the
+    # matrix (with a perfect score, the diagonal matrix would hide the swap).
+    rows = [(f"the {w} story ends in {end}", label) for w in ("old", "new", "sad") for end, label in ENDINGS]
+    rows += [("the odd story ends in love", "history"), ("the long story ends in war", "tragedy"),
+             ("the short story ends in love", "tragedy")]  # fmt: skip
+    path = tmp_path / "cls-val.csv"
+    path.write_text("text,label\n" + "".join(f"{t},{lab}\n" for t, lab in rows))
     return path
 
 
@@ -72,9 +102,49 @@ def _losses(run_dir):
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _saved_model(task, base, adapter_dir):
+    """The run's saved adapter on a freshly loaded base, through transformers and peft only (not our loaders)."""
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    if task == "sft":
+        model = AutoModelForCausalLM.from_pretrained(base)
+    else:
+        labels = json.loads((adapter_dir / "label_map.json").read_text())["labels"]
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=len(labels))
+    return PeftModel.from_pretrained(model, str(adapter_dir)).eval(), tokenizer
+
+
+@torch.no_grad()
+def _reference_sft_eval(base, adapter_dir, val_path, max_len):
+    """Token-weighted response loss, one unpadded example at a time: sum of per-token cross-entropies / tokens."""
+    model, tokenizer = _saved_model("sft", base, adapter_dir)
+    examples, _ = sft_data.encode_conversations(sft_data.load_conversations(val_path), tokenizer, max_len)
+    loss_sum, tokens = 0.0, 0
+    for e in examples:
+        logits = model(input_ids=torch.tensor([e["input_ids"]])).logits[0, :-1]
+        targets = torch.tensor(e["labels"][1:])
+        loss_sum += float(F.cross_entropy(logits.float(), targets, ignore_index=sft_data.IGNORE_INDEX, reduction="sum"))
+        tokens += int((targets != sft_data.IGNORE_INDEX).sum())
+    return loss_sum / tokens, tokens
+
+
+@torch.no_grad()
+def _reference_classify_predictions(base, adapter_dir, rows):
+    """(gold ids, predicted ids, per-example cross-entropies), one unpadded example at a time."""
+    model, tokenizer = _saved_model("classify", base, adapter_dir)
+    labels = json.loads((adapter_dir / "label_map.json").read_text())["labels"]
+    gold, pred, losses = [], [], []
+    for text, label in rows:
+        logits = model(input_ids=torch.tensor([tokenizer(text)["input_ids"]])).logits.float()
+        gold.append(labels.index(label))
+        pred.append(int(logits.argmax(-1)))
+        losses.append(float(F.cross_entropy(logits, torch.tensor([gold[-1]]))))
+    return gold, pred, losses
+
+
 @pytest.mark.parametrize("packing", [False, True])
-def test_sft_loss_falls_and_outputs_are_written(tmp_path, ft_hf_dir, sft_file, packing):
-    cfg = _cfg("sft", ft_hf_dir, sft_file, tmp_path / "runs", data={"packing": packing})
+def test_sft_loss_falls_and_outputs_are_written(tmp_path, ft_hf_dir, sft_file, sft_val_file, packing):
+    data = {"packing": packing, "val_path": str(sft_val_file)}
+    cfg = _cfg("sft", ft_hf_dir, sft_file, tmp_path / "runs", data=data)
     result = finetune.run(cfg)
     run_dir = tmp_path / "runs" / "sft"
     losses = _losses(run_dir)
@@ -84,12 +154,16 @@ def test_sft_loss_falls_and_outputs_are_written(tmp_path, ft_hf_dir, sft_file, p
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(result))
     assert metrics["eval"]["perplexity"] == pytest.approx(2.718281828 ** metrics["eval"]["loss"], rel=1e-6)
-    assert metrics["eval"]["tokens"] > 0 and metrics["trainable_params"] < metrics["total_params"] / 2
+    loss, tokens = _reference_sft_eval(ft_hf_dir, run_dir / "adapter", sft_val_file, cfg.data.max_seq_len)
+    assert metrics["eval"]["tokens"] == tokens
+    assert metrics["eval"]["loss"] == pytest.approx(loss, rel=1e-4)
+    assert metrics["trainable_params"] < metrics["total_params"] / 2
     assert (run_dir / "config.yaml").is_file()
 
 
-def test_classify_loss_falls_with_label_map_and_metrics(tmp_path, ft_hf_dir, classify_file):
-    cfg = _cfg("classify", ft_hf_dir, classify_file, tmp_path / "runs", class_weights=True)
+def test_classify_loss_falls_with_label_map_and_metrics(tmp_path, ft_hf_dir, classify_file, classify_val_file):
+    data = {"val_path": str(classify_val_file)}
+    cfg = _cfg("classify", ft_hf_dir, classify_file, tmp_path / "runs", class_weights=True, data=data)
     finetune.run(cfg)
     run_dir = tmp_path / "runs" / "classify"
     losses = _losses(run_dir)
@@ -97,8 +171,20 @@ def test_classify_loss_falls_with_label_map_and_metrics(tmp_path, ft_hf_dir, cla
     assert json.loads((run_dir / "label_map.json").read_text()) == {"labels": ["comedy", "history", "tragedy"]}
     assert (run_dir / "adapter" / "label_map.json").is_file()
     ev = json.loads((run_dir / "metrics.json").read_text())["eval"]
-    assert set(ev) >= {"accuracy", "macro_precision", "macro_recall", "macro_f1", "per_class", "confusion_matrix"}
-    assert sum(map(sum, ev["confusion_matrix"])) == ev["num_examples"] == 7  # 20% of 36
+    rows = [line.rsplit(",", 1) for line in classify_val_file.read_text().splitlines()[1:]]
+    gold, pred, ce = _reference_classify_predictions(ft_hf_dir, run_dir / "adapter", rows)
+    assert ev["num_examples"] == len(rows) == 12
+    cm = skm.confusion_matrix(gold, pred, labels=[0, 1, 2])
+    assert ev["confusion_matrix"] == cm.tolist()
+    assert (cm != cm.T).any(), "the model did not learn the rule: the swapped-labels check below would be blind"
+    p, r, f, support = skm.precision_recall_fscore_support(gold, pred, labels=[0, 1, 2], zero_division=0)
+    assert ev["accuracy"] == pytest.approx(skm.accuracy_score(gold, pred))
+    assert [ev["macro_precision"], ev["macro_recall"], ev["macro_f1"]] == pytest.approx([p.mean(), r.mean(), f.mean()])
+    for i, label in enumerate(["comedy", "history", "tragedy"]):
+        got = [ev["per_class"][label][k] for k in ("precision", "recall", "f1", "support")]
+        assert got == pytest.approx([p[i], r[i], f[i], support[i]]), label
+    # The training set is balanced, so the class weights are all 1 and the loss is the plain mean cross-entropy.
+    assert ev["loss"] == pytest.approx(sum(ce) / len(ce), rel=1e-4, abs=1e-6)
     adapter_cfg = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert adapter_cfg["task_type"] == "SEQ_CLS" and "score" in adapter_cfg["modules_to_save"]
 
@@ -106,11 +192,14 @@ def test_classify_loss_falls_with_label_map_and_metrics(tmp_path, ft_hf_dir, cla
 def test_resume_restores_adapter_and_optimizer_exactly(tmp_path, ft_hf_dir, sft_file):
     full = _cfg("sft", ft_hf_dir, sft_file, tmp_path / "runs", name="full", train={"max_steps": 4, "save_every": 2})
     finetune.run(full)
-    # A copy of the run that was "killed" after step 2: only the step-2 checkpoint is left.
+    # A copy of the run that was "killed" after step 2: only the step-2 checkpoint is left, and none of the final
+    # outputs, so the adapter compared below must be the one the resumed run wrote.
     shutil.copytree(tmp_path / "runs" / "full", tmp_path / "runs" / "cut")
     ckpts = tmp_path / "runs" / "cut" / "checkpoints"
     shutil.rmtree(ckpts / "step-000004")
     (ckpts / "latest").write_text("step-000002\n")
+    shutil.rmtree(tmp_path / "runs" / "cut" / "adapter")
+    (tmp_path / "runs" / "cut" / "metrics.json").unlink()
     cut = _cfg("sft", ft_hf_dir, sft_file, tmp_path / "runs", name="cut", train={"max_steps": 4, "resume": "auto"})
     finetune.run(cut)
 
@@ -118,6 +207,8 @@ def test_resume_restores_adapter_and_optimizer_exactly(tmp_path, ft_hf_dir, sft_
     a = load_file(tmp_path / "runs" / "full" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "runs" / "cut" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    step2 = load_file(ckpts / "step-000002" / "adapter" / "adapter_model.safetensors")
+    assert not all(torch.allclose(step2[k], b[k], atol=1e-6) for k in b)  # steps 3 and 4 reached the saved adapter
     # One set of adapters: wrapping twice would have produced nested base_model.model.base_model... names.
     assert all(k.count("base_model") == 1 for k in b)
 

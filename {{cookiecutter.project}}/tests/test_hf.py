@@ -4,12 +4,11 @@ import json
 
 import pytest
 import torch
+import transformers
 
 from {{ cookiecutter.package }}.config import ModelConfig
 from {{ cookiecutter.package }}.model.hf import export_hf, import_hf
 from {{ cookiecutter.package }}.model.lm import LlamaLM
-
-transformers = pytest.importorskip("transformers")
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 VOCAB = 73

@@ -2,6 +2,7 @@
 
 import math
 
+import peft
 import pytest
 import torch
 import torch.nn.functional as F
@@ -317,7 +318,6 @@ def test_dropout_only_in_training():
 
 
 def test_peft_lora_wraps_our_model():
-    peft = pytest.importorskip("peft")
     model = tiny_lm()
     lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     trainable = {n for n, p in lora.named_parameters() if p.requires_grad}

@@ -214,7 +214,6 @@ def test_breakpoint_marker_is_on_a_statement_after_the_loss():
 
 
 def test_transformers_and_peft_models():
-    pytest.importorskip("peft")
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
