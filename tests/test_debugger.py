@@ -286,9 +286,9 @@ def test_break_on_nonfinite_stops_in_the_debugger_at_the_module(project):
 @pytest.mark.slow
 def test_break_on_nonfinite_without_debugger_is_a_clear_error(project):
     """A checkpoint every step and a NaN at step 3: the run stops with the module named, and step 2's checkpoint is
-    still the latest. (Not --debug: its profile saves only at the end, so a NaN run would save nothing either way.)"""
-    ckpts = project / "runs" / "nan-after-save" / "checkpoints"
-    args = ["--config", "configs/pretrain-debug.yaml", "--name", "nan-after-save", "--train.max_steps", "4"]
+    still the latest. (The debug profile saves only at the end; the explicit --train.save_every beats it.)"""
+    ckpts = project / "runs" / "nan-after-save-debug" / "checkpoints"
+    args = ["--debug", "--name", "nan-after-save", "--train.max_steps", "4"]
     args += ["--train.save_every", "1", "--train.eval_every", "0", "--train.keep_checkpoints", "0"]
     program = start_pretrain(project, *args, "--break-on-nonfinite", env={INJECT_ENV: "layers.0.self_attn:3"})
     try:
