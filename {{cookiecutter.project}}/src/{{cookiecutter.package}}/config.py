@@ -126,7 +126,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping (the norm is still reported)
     log_every: int = 10  # TensorBoard scalars + one log line every N steps (the progress bar updates every step)
     # per-module gradient/weight norms, update/weight ratios and vanishing/exploding warnings every N steps (and at
-    # the end); None = every log_every steps, 0 = off. Costs nothing on the other steps.
+    # the end); None = every log_every steps, 0 = off. Costs nothing on the other steps; on its steps it holds a copy
+    # of the trainable weights for the update ratio (set 0 or a large N for a model near the memory limit).
     grad_stats_every: int | None = None
     eval_every: int = 100  # evaluate (loss, perplexity) and sample every N steps and at the end; 0 = only at the end
     eval_batches: int = 20  # batches per evaluation
