@@ -309,7 +309,8 @@ def test_demo_with_an_externally_managed_python(tmp_path: Path) -> None:
     project = template / "build" / "llm-lab"
     command = f".venv/bin/python -m pip install torch --index-url {index}"
     assert command in out
-    assert out.index(command) < out.index(f"Looking in indexes: {index}") < out.index("Successfully installed")
+    printed = out.index(command)
+    assert printed < out.index(f"Looking in indexes: {index}", printed) < out.index("Successfully installed", printed)
     probe = "import sys, torch; print(torch.version.cuda, torch.__file__.startswith(sys.prefix), sys.base_prefix)"
     venv_python = str(project / ".venv" / "bin" / "python")
     cuda, inside, base = subprocess.run([venv_python, "-c", probe], capture_output=True, text=True).stdout.split()
