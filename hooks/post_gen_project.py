@@ -7,6 +7,7 @@ virtual environment is opt-in and only warns when it fails.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -14,8 +15,6 @@ from pathlib import Path
 
 ANSWERS = json.loads(r"""{{ cookiecutter | tojson }}""")
 PROJECT = Path.cwd()
-# The install command the README, the dev container and CI share.
-INSTALL = ["-m", "pip", "install", "-e", ".[dev]"]
 
 
 def remove(relative: str) -> None:
@@ -58,12 +57,15 @@ def init_git() -> None:
 
 
 def create_venv() -> bool:
-    python = shutil.which(f"python{ANSWERS['python_version']}") or sys.executable
-    venv = PROJECT / ".venv"
-    bindir = "Scripts" if sys.platform == "win32" else "bin"
+    """`make setup`, the one place that knows which Python and which PyTorch build the project's .venv gets."""
+    make = shutil.which("make")
+    if make is None:
+        print("warning: make not found, .venv not created: see the README's Install section", file=sys.stderr)
+        return False
+    # An environment active around cookiecutter is not this project's: with VIRTUAL_ENV set, make would install there.
+    env = {key: value for key, value in os.environ.items() if key != "VIRTUAL_ENV"}
     try:
-        subprocess.run([python, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(venv / bindir / "python"), *INSTALL], cwd=PROJECT, check=True)
+        subprocess.run([make, "setup"], cwd=PROJECT, env=env, check=True)
     except (OSError, subprocess.CalledProcessError) as error:
         print(f"warning: could not create .venv ({error}); run `make setup` in {PROJECT}", file=sys.stderr)
         return False
@@ -73,7 +75,7 @@ def create_venv() -> bool:
 def next_steps(venv_ready: bool) -> str:
     steps = [f"cd {PROJECT.name}"]
     if not venv_ready:
-        steps.append("make setup            # .venv + pip install -e '.[dev]'")
+        steps.append("make setup            # .venv, the PyTorch build for this machine, pip install -e '.[dev]'")
     steps += [
         "make demo             # pretrain a tiny LM offline, fine-tune it with LoRA, generate",
         "make test             # the project's own tests",

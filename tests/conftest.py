@@ -1,14 +1,15 @@
 """Shared fixtures: bake the template with cookiecutter's API and run what a user would run in the result.
 
 Heavy dependencies (torch, transformers, peft, ...) are installed once in the environment that runs these tests
-(`make test` does that); every baked project runs against them with its `src/` on PYTHONPATH, exactly what PyCharm's
-"add source roots" does. One slow test proves the real install command in a fresh virtual environment.
+(`make test` does that, in the template's .venv); every baked project runs against them with its `src/` on PYTHONPATH,
+exactly what PyCharm's "add source roots" does. Slow tests prove the real install commands in fresh environments.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,26 @@ def run(project: Path, *args: str, timeout: float = 600, check: bool = True) -> 
             f"\n--- stderr\n{result.stderr[-4000:]}"
         )
     return result
+
+
+def venv_sharing_this_environment(path: Path) -> Path:
+    """A new venv that also sees the packages of the environment running the tests, so installing into it reuses torch
+    & co. instead of downloading them; returns its python.
+
+    `--system-site-packages` would not do: it exposes the base interpreter's packages, not those of the template's
+    .venv that `make test` runs in.
+    """
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=120)
+    python = path / "bin" / "python"
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.strip()
+    Path(purelib, "test_environment.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    return python
 
 
 @pytest.fixture(scope="session")

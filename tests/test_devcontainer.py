@@ -349,5 +349,5 @@ def test_template_repository_devcontainer(validator):
     assert "hostRequirements" not in config and "image" in config  # plain Python, no GPU
     install = "python -m pip install -r requirements-test.txt"
     assert config["postCreateCommand"] == install
-    assert install.replace("python ", "$(PYTHON) ", 1) in (template / "Makefile").read_text(encoding="utf-8")
+    assert install.replace("python ", "$(PY) ", 1) in (template / "Makefile").read_text(encoding="utf-8")
     assert config["containerEnv"]["PIP_EXTRA_INDEX_URL"].endswith("/whl/cpu")

@@ -119,10 +119,13 @@ def test_pre_gen_hook_accepts_defaults(tmp_path: Path) -> None:
 
 
 def test_venv_failure_warns_and_keeps_the_project(tmp_path: Path) -> None:
-    """create_venv=yes with no package index reachable: the project is still complete and generation succeeds."""
+    """create_venv=yes with no package index reachable: `make setup` makes .venv, then cannot install; the project is
+    still complete and generation succeeds. (The Python version is this interpreter's, so that make finds it.)"""
     env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path / "no-wheels")}
+    version = "{}.{}".format(*sys.version_info[:2])
+    args = ["create_venv=yes", f"python_version={version}"]
     result = subprocess.run(
-        [sys.executable, "-m", "cookiecutter", "--no-input", "-o", str(tmp_path), str(TEMPLATE), "create_venv=yes"],
+        [sys.executable, "-m", "cookiecutter", "--no-input", "-o", str(tmp_path), str(TEMPLATE), *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -132,5 +135,6 @@ def test_venv_failure_warns_and_keeps_the_project(tmp_path: Path) -> None:
     project = tmp_path / "llm-lab"
     assert (project / ".venv").is_dir()
     assert "warning: could not create .venv" in result.stderr
+    assert ".venv/bin/python -m pip install torch" in result.stdout, "the hook runs `make setup`"
     assert "make setup" in result.stdout
     assert (project / "pyproject.toml").is_file()

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import project_env, run
+from conftest import project_env, run, venv_sharing_this_environment
 
 LINTED = ["defaults", "py310-cuda12", "custom-names", "vscode-only", "no-container-no-license"]
 
@@ -84,12 +84,11 @@ def test_renamed_package_fast_tests_pass(baked_projects: dict[str, Path]) -> Non
 def test_readme_install_command_in_a_fresh_venv(baked_projects: dict[str, Path], tmp_path: Path) -> None:
     """`python -m pip install -e ".[dev]"` in a new venv: the project installs and its console scripts work.
 
-    The venv sees the session's site-packages so that torch & co. are reused, not downloaded again.
+    The venv sees the session's packages so that torch & co. are reused, not downloaded again.
     """
     project = baked_projects["py310-cuda12"]
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
-    python = venv / "bin" / "python"
+    python = venv_sharing_this_environment(venv)
     install = subprocess.run(
         [str(python), "-m", "pip", "install", "-e", ".[dev]"],
         cwd=project,
