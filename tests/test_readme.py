@@ -72,3 +72,16 @@ def test_generated_demo_pipeline_runs_offline(tmp_path: Path) -> None:
     assert (runs / "finetune-sft-debug" / "adapter" / "adapter_config.json").is_file()
     assert (runs / "finetune-classify-debug" / "adapter" / "adapter_config.json").is_file()
     assert (runs / "finetune-classify-debug" / "metrics.json").is_file()
+
+
+def test_gpu_check_is_one_command_documented_where_users_look(default_project: Path) -> None:
+    """`make gpu-check` runs the CUDA tests and the GPU benchmark table, and the README and the container guide both
+    tell a user to run it (the first thing on a new GPU box)."""
+    makefile = (default_project / "Makefile").read_text()
+    target = re.search(r"^gpu-check:.*?\n((?:\t.*\n)+)", makefile, re.M)
+    assert target, "the generated Makefile has no gpu-check target"
+    recipe = [line.strip() for line in target.group(1).splitlines()]
+    assert recipe == ["$(PY) -m pytest -m cuda", "$(PY) -m $(PACKAGE).bench gpu-check"]
+    for doc in ("README.md", "docs/ide-and-containers.md"):
+        text = (default_project / doc).read_text()
+        assert "make gpu-check" in text and "bench gpu-check" in text, doc
