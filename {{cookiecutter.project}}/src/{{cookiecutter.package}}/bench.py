@@ -40,10 +40,11 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from .config import ModelConfig, OptimConfig
+from .config import ModelConfig, OptimConfig, TrainConfig
 from .model.hf import hf_config_dict, to_hf_key
 from .model.lm import LlamaLM
 from .train.flops import peak_flops
+from .train.loop import setup_runtime
 from .train.optim import build_optimizer
 from .train.step import train_step
 
@@ -201,11 +202,10 @@ def compiled(model: nn.Module, enabled: bool, fullgraph: bool = False) -> nn.Mod
 def setup(args: argparse.Namespace) -> tuple[torch.device, ModelConfig]:
     """Seed, thread count, device and the model shape every subcommand reads from its flags."""
     apply_preset(args)
-    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    setup_runtime(TrainConfig(seed=args.seed), device)  # seeds and TF32 on CUDA, exactly as training sets them
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device == "cuda" and torch.cuda.is_available():
-        torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls, as training does (train.tf32)
     config = ModelConfig(
         vocab_size=args.vocab_size,
         dim=args.dim,
@@ -215,7 +215,7 @@ def setup(args: argparse.Namespace) -> tuple[torch.device, ModelConfig]:
         max_seq_len=args.seq_len,
         tie_embeddings=not getattr(args, "untied", False),
     )
-    return torch.device(args.device), config
+    return device, config
 
 
 def bench_pretrain(args: argparse.Namespace) -> list[dict]:

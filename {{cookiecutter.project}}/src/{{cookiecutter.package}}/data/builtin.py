@@ -28,6 +28,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .jsonl import iter_jsonl
+
 BUILTIN_DIR = Path(__file__).resolve().with_name("builtin")
 BUILTIN_CORPUS = BUILTIN_DIR / "shakespeare.txt"
 BUILTIN_SFT = BUILTIN_DIR / "sft.jsonl"
@@ -336,8 +338,6 @@ def jsonl_text(records: Iterable[dict]) -> str:
 
 
 def read_jsonl_records(path: Path) -> list[dict]:
-    from .jsonl import iter_jsonl  # here, not at the top: `python -m <package>.data.builtin` stays light
-
     return [record for _, record in iter_jsonl(path)]
 
 

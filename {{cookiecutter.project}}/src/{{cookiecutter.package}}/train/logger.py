@@ -148,8 +148,9 @@ class GradHealth:
                 self._samples.append(torch.zeros(1, device=params[0].device))
                 continue
             norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-            flat = torch.cat([g.flatten() for g in grads])
-            self._samples.append(flat[:: max(1, flat.numel() // 1024)])  # <= ~1k values per module reach the host
+            # ~1k values per module reach the host: strided views of each gradient, never a copy of all of them
+            per_tensor = max(1, 1024 // len(grads))
+            self._samples.append(torch.cat([g.flatten()[:: max(1, g.numel() // per_tensor)] for g in grads]))
         self._grads = torch.stack(norms)
         self._before = [[p.detach().clone() for p in params] for params in self.params]
 
