@@ -25,7 +25,38 @@ def remove(relative: str) -> None:
         path.unlink()
 
 
+# What each extra project adds (extra_projects): its files go unless the answer selects it. The shared files (config,
+# debug profile, README, Makefile, IDE launch.json) hold its parts inside Jinja conditions instead.
+EXTRA_PROJECT_FILES = {
+    "vision": [
+        "src/{package}/vision.py",
+        "src/{package}/model/resnet.py",
+        "src/{package}/data/digits.py",
+        "src/{package}/data/image_augment.py",
+        "configs/vision.yaml",
+        "docs/vision.md",
+        "tests/test_vision.py",
+        ".idea/runConfigurations/Vision__digits_ResNet_.xml",
+    ],
+    "speech": [
+        "src/{package}/speech.py",
+        "src/{package}/model/conformer.py",
+        "src/{package}/data/speech.py",
+        "src/{package}/data/audio_features.py",
+        "src/{package}/data/audio_augment.py",
+        "configs/speech.yaml",
+        "docs/speech.md",
+        "tests/test_speech.py",
+        ".idea/runConfigurations/Speech__commands_Conformer_.xml",
+    ],
+}
+
+
 def prune() -> None:
+    for project, files in EXTRA_PROJECT_FILES.items():
+        if ANSWERS["extra_projects"] not in (project, "both"):
+            for relative in files:
+                remove(relative.format(package=ANSWERS["package"]))
     if ANSWERS["ide"] == "vscode":
         remove(".idea")
     if ANSWERS["ide"] == "pycharm":

@@ -24,6 +24,7 @@ CHOICES = {
     "python_version": SUPPORTED_PYTHONS,
     "ide": ("both", "pycharm", "vscode"),
     "devcontainer": ("yes", "no"),
+    "extra_projects": ("both", "vision", "speech", "none"),
     "license": ("MIT", "Apache-2.0", "BSD-3-Clause", "none"),
     "create_venv": ("no", "yes"),
 }

@@ -24,9 +24,14 @@ DEFAULT_PACKAGE = "llm_lab"
 # Named combinations: every value of every choice variable appears at least once, plus the defaults.
 COMBINATIONS: dict[str, dict[str, str]] = {
     "defaults": {},
-    "pycharm-only": {"ide": "pycharm", "devcontainer": "no", "license": "Apache-2.0"},
-    "vscode-only": {"ide": "vscode", "license": "BSD-3-Clause", "python_version": "3.12"},
-    "no-container-no-license": {"devcontainer": "no", "license": "none", "python_version": "3.13"},
+    "pycharm-only": {"ide": "pycharm", "devcontainer": "no", "license": "Apache-2.0", "extra_projects": "vision"},
+    "vscode-only": {"ide": "vscode", "license": "BSD-3-Clause", "python_version": "3.12", "extra_projects": "speech"},
+    "no-container-no-license": {
+        "devcontainer": "no",
+        "license": "none",
+        "python_version": "3.13",
+        "extra_projects": "none",
+    },
     "py310-cuda12": {"python_version": "3.10", "cuda_version": "12.8.1", "project": "tiny-gpt"},
     "custom-names": {
         "project": "my-llm2",

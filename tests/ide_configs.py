@@ -247,6 +247,8 @@ RUN_ORDER = [
     "Pretrain",
     "Fine-tune SFT",
     "Fine-tune classify",
+    "Vision (digits ResNet)",
+    "Speech (commands Conformer)",
     "Generate",
     "Tests (pytest)",
 ]

@@ -95,10 +95,32 @@ def expected_files(name: str) -> set[str]:
         if top == ".devcontainer" and ctx["devcontainer"] == "no":
             continue
         expected.add(rendered)
+    for project, files in extra_project_files().items():
+        if ctx["extra_projects"] not in (project, "both"):
+            expected -= {f.format(package=ctx["package"]) for f in files}
     expected.add(".cookiecutter.json")
     if ctx["license"] != "none":
         expected.add("LICENSE")
     return expected
+
+
+def extra_project_files() -> dict[str, list[str]]:
+    """The post-gen hook's EXTRA_PROJECT_FILES, read from its source (the hook is a Jinja template, not importable)."""
+    tree = ast.parse((TEMPLATE / "hooks" / "post_gen_project.py").read_text())
+    (value,) = [
+        node.value
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and [t.id for t in node.targets if isinstance(t, ast.Name)] == ["EXTRA_PROJECT_FILES"]
+    ]
+    return ast.literal_eval(value)
+
+
+# What would betray an extra project that was not chosen, anywhere in the project.
+TRACES = {
+    "vision": re.compile(r"\.vision\b|vision\.(yaml|md)|VisionConfig|ResNet|digits\.py|^vision:", re.M),
+    "speech": re.compile(r"\.speech\b|speech\.(yaml|md)|SpeechConfig|Conformer|audio_|^speech:", re.M),
+}
 
 
 # Values baked by a dedicated test instead of the matrix (creating a venv installs packages).
@@ -131,6 +153,28 @@ def test_exact_file_set(name: str, pristine_projects: dict[str, Path]) -> None:
     assert (".devcontainer/devcontainer.json" in found) == (ctx["devcontainer"] == "yes")
     assert (".devcontainer/Dockerfile" in found) == (ctx["devcontainer"] == "yes")
     assert not any(f.startswith(".licenses") for f in found)
+    for extra in ("vision", "speech"):
+        chosen = ctx["extra_projects"] in (extra, "both")
+        assert (f"{package}/{extra}.py" in found) == chosen
+        assert (f"configs/{extra}.yaml" in found) == chosen
+
+
+@pytest.mark.parametrize("name", COMBINATIONS)
+def test_unchosen_extra_projects_leave_no_trace(name: str, pristine_projects: dict[str, Path]) -> None:
+    """Not only their files: no mention in the config, the debug profile, the README, the Makefile or the IDEs."""
+    project, ctx = pristine_projects[name], answers(name)
+    listed = {f.format(package=ctx["package"]) for files in extra_project_files().values() for f in files}
+    for extra, trace in TRACES.items():
+        if ctx["extra_projects"] in (extra, "both"):
+            continue
+        hits = [
+            f"{relative}: {match.group(0)}"
+            for relative in sorted(files_of(project) - listed)
+            if not relative.startswith("src/" + ctx["package"] + "/data/builtin")
+            for match in [trace.search((project / relative).read_text(encoding="utf-8", errors="ignore"))]
+            if match
+        ]
+        assert not hits, f"{extra} was not chosen but is mentioned:\n" + "\n".join(hits)
 
 
 @pytest.mark.parametrize("name", COMBINATIONS)

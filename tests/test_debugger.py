@@ -123,7 +123,14 @@ class Program:
 
 # --------------------------------------------------------------------------------------------- launch.json
 
-TRAINING = {"Pretrain (debug profile)", "Pretrain", "Fine-tune SFT", "Fine-tune classify"}
+TRAINING = {
+    "Pretrain (debug profile)",
+    "Pretrain",
+    "Fine-tune SFT",
+    "Fine-tune classify",
+    "Vision (digits ResNet)",
+    "Speech (commands Conformer)",
+}
 NOT_LAUNCHABLE_HERE = {
     "Debug test (Testing view)": "its program is ${file}: VS Code's Testing view fills it in",
 }

@@ -46,7 +46,11 @@ ENTRY_POINTS = {
     "Tests (pytest)": ("pytest", ["tests"]),
     "TensorBoard": ("tensorboard.main", ["--logdir", "runs", "--port", "6006"]),
 }
-PYCHARM_NAMES = set(ENTRY_POINTS) | {"Python Debug Server"}
+# The extra projects' entry points, present when the extra_projects answer selects them.
+EXTRA_ENTRY_POINTS = {
+    "vision": {"Vision (digits ResNet)": (".vision", ["--config", "configs/vision.yaml"])},
+    "speech": {"Speech (commands Conformer)": (".speech", ["--config", "configs/speech.yaml"])},
+}
 
 # What a test appends to keep a run short: the debug profile and a couple of steps.
 FAST_ARGS = {
@@ -54,6 +58,8 @@ FAST_ARGS = {
     # a small validation split: the final evaluation otherwise dominates a 2-step run
     ".finetune": ["--debug", "--train.max_steps", "1", "--data.val_fraction", "0.02"],
     ".generate": ["--debug", "--max_new_tokens", "8"],
+    ".vision": ["--debug", "--train.max_steps", "1"],
+    ".speech": ["--debug", "--train.max_steps", "1"],
     # only tests/test_debug.py is collected (importing every test module is most of a short run)
     "pytest": ["-q", "-p", "no:cacheprovider", "--ignore-glob=*/test_[!d]*.py", "-k", "test_debug or parse_address"],
 }
@@ -61,6 +67,13 @@ FAST_ARGS = {
 
 def package_of(project: Path) -> str:
     return json.loads((project / ".cookiecutter.json").read_text())["context"]["package"]
+
+
+def entry_points(project: Path) -> dict[str, tuple[str, list[str]]]:
+    """ENTRY_POINTS plus the extra projects this project was baked with."""
+    extra = json.loads((project / ".cookiecutter.json").read_text())["context"]["extra_projects"]
+    chosen = [name for name in EXTRA_ENTRY_POINTS if extra in (name, "both")]
+    return {**ENTRY_POINTS, **{k: v for name in chosen for k, v in EXTRA_ENTRY_POINTS[name].items()}}
 
 
 def expected_module(module: str, package: str) -> str:
@@ -175,10 +188,10 @@ def test_pycharm_run_configurations(baked_projects):
     for project in ide_projects(baked_projects, ".idea"):
         package = package_of(project)
         configs = {c.name: c for c in pycharm_configs(project)}
-        assert set(configs) == PYCHARM_NAMES
+        assert set(configs) == set(entry_points(project)) | {"Python Debug Server"}
         for cfg in configs.values():
             assert cfg.module == iml_path(project).stem, cfg.file
-        for name, (module, args) in ENTRY_POINTS.items():
+        for name, (module, args) in entry_points(project).items():
             cfg = configs[name]
             if cfg.type == "PythonConfigurationType":
                 o = cfg.options
@@ -234,7 +247,9 @@ def test_launch_json_matches_schema_and_entry_points(baked_projects):
         jsonschema.validate(launch, schema)
         configs = {c["name"]: c for c in launch["configurations"]}
         assert len(configs) == len(launch["configurations"]), "duplicate names"
-        for name, (module, args) in ENTRY_POINTS.items():
+        launchable = {c["name"] for c in launch["configurations"] if c["request"] == "launch" and "module" in c}
+        assert launchable - {"Debug test (Testing view)"} == set(entry_points(project)) - {"TensorBoard"}
+        for name, (module, args) in entry_points(project).items():
             if name == "TensorBoard":
                 continue  # a task, not something to debug
             cfg = configs[name]
@@ -365,7 +380,7 @@ def test_both_ides_run_the_same_commands(default_project):
     }
     vs.update({t["label"]: vscode_task_command(t, default_project, "python") for t in tasks(default_project)})
     shared = set(py) & set(vs)
-    assert shared >= set(ENTRY_POINTS)
+    assert shared >= set(entry_points(default_project))
     for name in shared:
         assert normalized(vs[name]) == normalized(py[name]), name
 

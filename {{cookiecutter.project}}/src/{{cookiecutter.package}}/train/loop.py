@@ -184,7 +184,7 @@ def evaluate_classifier(
 ) -> dict:
     """Example-weighted mean loss plus :func:`..metrics.classification_metrics` (accuracy, macro and per-class
     precision/recall/F1, confusion matrix) of a classifier whose ``model(**batch)`` returns ``.logits`` [B, K] and
-    ``.loss``: text (finetune's classify task), images (vision) and audio (speech) alike."""
+    ``.loss``: text, images and audio alike."""
     preds, golds, losses = [], [], []
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
