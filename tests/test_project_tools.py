@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import project_env, run, venv_sharing_this_environment
 
-LINTED = ["defaults", "py310-cuda12", "custom-names", "vscode-only", "no-container-no-license"]
+LINTED = ["defaults", "py310-cuda12", "custom-names", "pycharm-only", "vscode-only", "no-container-no-license"]
 
 # The generated suite may skip only what this machine cannot run: tests that need a CUDA GPU, and on a GPU the QLoRA
 # test without the optional bitsandbytes extra. Any other skip (a required package that fails to import, say) would
