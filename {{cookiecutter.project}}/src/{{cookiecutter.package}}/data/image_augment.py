@@ -14,15 +14,12 @@ a mirrored 2 is no longer a 2; rotations stay small: a 6 turned over is a 9).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import ImageAugmentConfig
-
-Augment = Callable[[dict[str, Tensor], torch.Generator], dict[str, Tensor]]
+from .batches import Augment
 
 
 def _uniform(n: int, bound: float, generator: torch.Generator) -> Tensor:
