@@ -23,7 +23,7 @@ from {{ cookiecutter.package }}.model.resnet import BasicBlock, ResNet
 TINY = ResNetConfig(widths=[8, 16], blocks=[1, 1])
 
 
-# ---- the model ------------------------------------------------------------------------------------------------------
+# ---- the model -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("size", [8, 28])
 def test_resnet_output_shape_for_digit_sizes(size):
     model = ResNet(TINY, num_classes=10).eval()
@@ -64,7 +64,7 @@ def test_saved_model_reproduces_the_test_accuracy(debug_run):
     assert float((predictions == splits.test.labels).float().mean()) == pytest.approx(result["eval"]["accuracy"])
 
 
-# ---- loaders ----------------------------------------------------------------------------------------------------------
+# ---- loaders ---------------------------------------------------------------------------------------------------------
 def write_idx(path: Path, array: torch.Tensor, magic_type: int = 0x08) -> Path:
     """The real IDX format: 0, 0, type, ndim, big-endian int32 sizes, then the data (gzip when the name ends .gz)."""
     data = array.to(torch.uint8).numpy()
@@ -121,7 +121,8 @@ def folder_dir(tmp_path):
     for label in ("circle", "cross"):
         (tmp_path / label).mkdir()
         for i in range(6):
-            Image.new("L", (12, 12), color=40 * i if label == "cross" else 255 - 40 * i).save(tmp_path / label / f"{i}.png")
+            shade = 40 * i if label == "cross" else 255 - 40 * i
+            Image.new("L", (12, 12), color=shade).save(tmp_path / label / f"{i}.png")
     return tmp_path
 
 
@@ -168,7 +169,7 @@ def test_splits_are_stratified_seeded_and_lose_nothing():
         assert counts.min() >= 0.8 * counts.max()
 
 
-# ---- augmentation -----------------------------------------------------------------------------------------------------
+# ---- augmentation ----------------------------------------------------------------------------------------------------
 def _batch(n=16):
     pool, _ = images.load_images(None)
     return images.image_collate(images.as_examples(pool.subset(torch.arange(n))))
@@ -230,7 +231,7 @@ def test_the_entry_point_evaluates_unaugmented_images(tmp_path, monkeypatch):
     assert seen["train"] == 3 and seen["eval"] > 6
 
 
-# ---- the entry point --------------------------------------------------------------------------------------------------
+# ---- the entry point -------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def debug_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("vision")
@@ -266,7 +267,7 @@ def test_resume_is_exact(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-# ---- fine-tuning a transformers ResNet --------------------------------------------------------------------------------
+# ---- fine-tuning a transformers ResNet -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def hf_resnet_dir(tmp_path_factory):
     """A randomly initialised transformers ResNet (no download), saved like a hub checkpoint."""
