@@ -250,6 +250,13 @@ def test_debug_profile_runs_end_to_end(debug_run):
     assert (run_dir / "checkpoints" / "step-000020").is_dir() and (run_dir / "tb").is_dir()
 
 
+def test_resume_with_other_classes_fails_with_one_line(debug_run, folder_dir):
+    run_dir, _ = debug_run
+    argv = ["--debug", "--out_dir", str(run_dir.parent), "--data.path", str(folder_dir), "--train.resume", "auto"]
+    with pytest.raises(ConfigError, match=r"checkpoint labels \['0', .*differ from the data's labels \['circle'"):
+        vision.run(*parse_config(VisionConfig, argv))
+
+
 def test_resume_is_exact(tmp_path):
     """4 steps straight == 2 steps, then a resume for 2 more (augmentation on: its draws come from the position)."""
     args = ["--debug", "--train.max_steps", "4", "--train.save_every", "2", "--train.keep_checkpoints", "0"]

@@ -354,6 +354,7 @@ class VisionConfig:
         _require(bool(self.name) and "/" not in self.name, "name", self.name, "a non-empty name without '/'")
         _require(self.base_input_size >= 32, "base_input_size", self.base_input_size, ">= 32")
         _require(not self.lora.qlora, "lora.qlora", self.lora.qlora, "false (QLoRA is for language models)")
+        _require(self.base_model is not None or self.tune == "full", "tune", self.tune, "full without base_model")
 
 
 @dataclass
