@@ -7,6 +7,9 @@ from __future__ import annotations
 import gzip
 import json
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,8 @@ from {{ cookiecutter.package }}.data.batches import ExampleBatches, iter_batches
 from {{ cookiecutter.package }}.data.image_augment import augment_images, make_augment
 from {{ cookiecutter.package }}.model.resnet import BasicBlock, ResNet
 
-TINY = ResNetConfig(widths=[8, 16], blocks=[1, 1])
+TINY = ResNetConfig(widths=[8, 16], blocks=[1, 1])  # the debug profile's model
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 # ---- the model -------------------------------------------------------------------------------------------------------
@@ -248,6 +252,17 @@ def test_debug_profile_runs_end_to_end(debug_run):
     assert {"accuracy", "macro_precision", "macro_recall", "macro_f1", "loss"} <= set(ev)
     assert json.loads((run_dir / "label_map.json").read_text())["labels"] == list("0123456789")
     assert (run_dir / "checkpoints" / "step-000020").is_dir() and (run_dir / "tb").is_dir()
+
+
+@pytest.mark.slow
+def test_cli_debug_run_in_a_subprocess(tmp_path, subprocess_env, package_name):
+    argv = [sys.executable, "-m", f"{package_name}.vision", "--config", str(CONFIGS / "vision.yaml"), "--debug"]
+    start = time.monotonic()
+    done = subprocess.run([*argv, "--out_dir", str(tmp_path)], env=subprocess_env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "done: step 20" in done.stdout and "ex/s" in done.stdout
+    assert (tmp_path / "vision-debug" / "metrics.json").is_file()
+    assert time.monotonic() - start < 60  # seconds on one core; the bound leaves room for a loaded CI machine
 
 
 def test_resume_with_other_classes_fails_with_one_line(debug_run, folder_dir):
