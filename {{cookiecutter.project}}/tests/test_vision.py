@@ -45,6 +45,14 @@ def test_resnet_parameter_count_by_hand():
     assert ResNet(TINY, num_classes=10).num_params() == stem + block1 + block2 + head == 5122
 
 
+def test_flops_per_example_by_hand():
+    # multiply-adds per output pixel x output pixels: stem and block 1 at 8x8, block 2 (stride 2) at 4x4, then fc
+    stem, block1 = 9 * 1 * 8 * 64, 2 * 9 * 8 * 8 * 64
+    block2 = (9 * 8 * 16 + 9 * 16 * 16 + 8 * 16) * 16
+    macs = stem + block1 + block2 + 16 * 10
+    assert ResNet(TINY, num_classes=10).flops_per_example(8, 8) == 3 * 2 * macs
+
+
 def test_residual_block_gradient_flows_through_the_skip():
     block = BasicBlock(4, 4).eval()
     torch.nn.init.zeros_(block.conv2.weight)  # the residual branch is now constant: no gradient through it

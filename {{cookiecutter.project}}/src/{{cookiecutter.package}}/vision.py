@@ -78,6 +78,12 @@ def build_model(cfg: VisionConfig, splits: images.Splits) -> nn.Module:
     return PretrainedImageClassifier(backbone, cfg.base_input_size, frozen_norm=cfg.tune != "full")
 
 
+def flops_per_example(model: nn.Module, size: tuple[int, int]) -> float | None:
+    """Training FLOPs per image of the from-scratch ResNet; None (no MFU) for a pretrained backbone."""
+    count = getattr(model, "flops_per_example", None)
+    return count(*size) if count is not None else None
+
+
 def save_model(model: nn.Module, run_dir: Path) -> Path:
     """The trained weights in the run directory: see the module docstring."""
     from safetensors.torch import save_file
@@ -160,6 +166,7 @@ def train(cfg: VisionConfig, dbg: DebugConfig, run: RunContext, splits: images.S
         extra_state={"labels": names},
         config=cfg,
         break_on_nonfinite=dbg.break_on_nonfinite,
+        flops_per_token=flops_per_example(unwrap(model), splits.train.images.shape[-2:]),  # MFU, per image
         throughput_unit="ex",
     )
     return model, history

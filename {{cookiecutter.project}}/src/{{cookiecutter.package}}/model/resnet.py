@@ -96,3 +96,27 @@ class ResNet(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def flops_per_example(self, height: int, width: int) -> float:
+        """Training FLOPs of one image (forward + backward = 3 x the forward's 2 x multiply-adds of the convs and
+        the output layer; norms and activations are noise next to them), for fit()'s MFU."""
+        macs = 0
+
+        def count(module: nn.Module, _inputs, output: Tensor) -> None:
+            nonlocal macs
+            if isinstance(module, nn.Conv2d):  # each output value: in_channels / groups x kernel area
+                k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+                macs += output[0].numel() * k
+            elif isinstance(module, nn.Linear):
+                macs += module.in_features * module.out_features
+
+        hooks = [m.register_forward_hook(count) for m in self.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+        try:
+            with torch.no_grad():
+                was_training = self.training
+                self.eval()(torch.zeros(1, len(self.pixel_mean), height, width, device=self.pixel_mean.device))
+                self.train(was_training)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return 3.0 * 2.0 * macs
