@@ -143,6 +143,7 @@ def test_class_folders_load_with_their_labels(folder_dir):
     assert test is None and pool.names == ["circle", "cross"]
     assert pool.images.shape == (12, 1, 12, 12) and pool.labels.tolist() == [0] * 6 + [1] * 6
     assert images.load_images(str(folder_dir), image_size=8)[0].images.shape == (12, 1, 8, 8)
+    assert images.load_images(str(folder_dir), color=True)[0].images.shape == (12, 3, 12, 12)
 
 
 @pytest.mark.parametrize(

@@ -292,7 +292,7 @@ class VisionDataConfig:
     val_fraction: float = 0.15  # stratified, seeded by train.seed
     test_fraction: float = 0.15  # MNIST's own t10k files are the test set when present
     max_examples: int | None = None  # a stratified subset of the training pool (MNIST's 60,000 on a laptop CPU)
-    dedupe: bool = True  # drop exact duplicate images (a copy in train and test would inflate the score)
+    dedupe: bool = True  # drop exact duplicate images before splitting (a copy in train and test inflates the score)
     num_workers: int = 0  # batches are slices of tensors in memory: workers rarely pay off here
 
     def __post_init__(self) -> None:

@@ -46,7 +46,7 @@ def random_affine(n: int, cfg: ImageAugmentConfig, generator: torch.Generator) -
 
 
 def elastic_field(n: int, size: tuple[int, int], cfg: ImageAugmentConfig, generator: torch.Generator) -> Tensor:
-    """[n, H, W, 2] smooth random displacements (grid units), at most ``cfg.elastic`` of the image size.
+    """[n, H, W, 2] smooth random displacements (grid units), up to about ``cfg.elastic`` of the image size.
 
     Random offsets on a coarse ``elastic_grid`` x ``elastic_grid`` lattice, upsampled bicubically: smooth by
     construction, with no Gaussian filter to tune.
@@ -57,7 +57,7 @@ def elastic_field(n: int, size: tuple[int, int], cfg: ImageAugmentConfig, genera
 
 
 def augment_images(images: Tensor, cfg: ImageAugmentConfig, generator: torch.Generator) -> Tensor:
-    """[B, C, H, W] -> the same shape, each image jittered independently; no-op when nothing is on."""
+    """[B, C, H, W] -> the same shape, each image jittered independently (all bounds 0 = the identity)."""
     n, _, h, w = images.shape
     grid = F.affine_grid(random_affine(n, cfg, generator), list(images.shape), align_corners=False)
     if cfg.elastic > 0:

@@ -172,7 +172,8 @@ def load_folder(root: str | Path, image_size: int | None = None, color: bool = F
 def load_images(
     path: str | None, image_size: int | None = None, color: bool = False
 ) -> tuple[ImageSet, ImageSet | None]:
-    """(labelled pool, a test set the source defines or None), cleaned; see the module docstring for ``path``."""
+    """(labelled pool, a test set the source defines or None), pixels checked; see the module docstring for
+    ``path``. Duplicates are dropped by :func:`dedupe`, splits made by :func:`split`."""
     if path is None:
         pool, test = load_sklearn_digits(), None
     else:
