@@ -31,7 +31,8 @@ EXTRA_PROJECT_FILES = {
     "vision": [
         "src/{package}/vision.py",
         "src/{package}/model/resnet.py",
-        "src/{package}/data/digits.py",
+        "src/{package}/data/images.py",
+        "src/{package}/model/pretrained_resnet.py",
         "src/{package}/data/image_augment.py",
         "configs/vision.yaml",
         "docs/vision.md",

@@ -118,7 +118,7 @@ def extra_project_files() -> dict[str, list[str]]:
 
 # What would betray an extra project that was not chosen, anywhere in the project.
 TRACES = {
-    "vision": re.compile(r"\.vision\b|vision\.(yaml|md)|VisionConfig|ResNet|digits\.py|^vision:", re.M),
+    "vision": re.compile(r"\.vision\b|vision\.(yaml|md)|VisionConfig|ResNet|data\.images|image_augment|^vision:", re.M),
     "speech": re.compile(r"\.speech\b|speech\.(yaml|md)|SpeechConfig|Conformer|audio_|^speech:", re.M),
 }
 

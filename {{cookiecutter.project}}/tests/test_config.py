@@ -20,6 +20,7 @@ from {{ cookiecutter.package }}.config import (
     PretrainConfig,
     SampleConfig,
     TrainConfig,
+    VisionConfig,
     config_to_dict,
     debug_profile,
     load_config,
@@ -94,7 +95,7 @@ def _get(cfg, dotted):
     return cfg
 
 
-@pytest.mark.parametrize("cls", [PretrainConfig, FinetuneConfig])
+@pytest.mark.parametrize("cls", [PretrainConfig, FinetuneConfig, VisionConfig])
 def test_every_debug_profile_value_beats_the_shipped_configs(cls):
     profile = debug_profile(cls)
     configs = sorted(CONFIGS.glob(f"{cls.__name__.removesuffix('Config').lower()}*.yaml"))
@@ -111,7 +112,7 @@ def test_debug_profile_sections_name_config_classes():
 
     sections = yaml.safe_load(config.DEBUG_PROFILE.read_text(encoding="utf-8"))
     classes = {name.removesuffix("Config").lower() for name in dir(config) if name.endswith("Config")}
-    assert set(sections) == {"pretrain", "finetune"} and set(sections) <= classes
+    assert set(sections) == {"pretrain", "finetune", "vision"} and set(sections) <= classes
     assert debug_profile(GenerateConfig) is None
     cfg, dbg = parse_config(GenerateConfig, ["--debug"])
     assert dbg.debug and cfg == GenerateConfig()  # generate's --debug only picks the debug run's model
@@ -172,7 +173,7 @@ def _shown(value) -> str:
     return "null" if value is None else str(value)  # how jsonargparse prints a default
 
 
-@pytest.mark.parametrize("cls", [PretrainConfig, FinetuneConfig, GenerateConfig])
+@pytest.mark.parametrize("cls", [PretrainConfig, FinetuneConfig, GenerateConfig, VisionConfig])
 def test_help_lists_every_option_with_its_default(cls, capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_config(cls, ["--help"])
@@ -260,7 +261,7 @@ def test_debug_profile_applies_to_finetune_config():
 
 
 def _config_class(path: Path) -> type:
-    return {"pretrain": PretrainConfig, "finetune": FinetuneConfig}[path.stem.split("-")[0]]
+    return {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "vision": VisionConfig}[path.stem.split("-")[0]]
 
 
 def _without(tree: dict, dotted: str) -> dict:
