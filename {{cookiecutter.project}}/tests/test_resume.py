@@ -174,17 +174,17 @@ def test_pretrain_cli_exits_2_on_a_named_damaged_checkpoint(tmp_path, pretrain_a
 
 
 def test_finetune_label_check_refuses_a_named_damaged_checkpoint(tmp_path, tiny_model):
-    from {{ cookiecutter.package }}.finetune import _check_resume_labels
     from {{ cookiecutter.package }}.train import checkpoint as ckpt
+    from {{ cookiecutter.package }}.train.loop import check_resume_labels
 
     run_dir = tmp_path / "runs" / "ft"
     path = ckpt.save_checkpoint(run_dir / "checkpoints", 3, tiny_model, extra={"labels": ["neg", "pos"]})
     cfg = FinetuneConfig(task="classify", name="ft", out_dir=str(tmp_path / "runs"))
     cfg.train.resume = str(path)
-    _check_resume_labels(run_dir, cfg, ["neg", "pos"])  # intact: accepted
+    check_resume_labels(run_dir, cfg.train, ["neg", "pos"])  # intact: accepted
     (path / ckpt.TRAINER_FILE).write_bytes(b"")
     with pytest.raises(ConfigError, match=rf"^damaged checkpoint {re.escape(str(path))}: trainer.pt is 0 bytes"):
-        _check_resume_labels(run_dir, cfg, ["neg", "pos"])
+        check_resume_labels(run_dir, cfg.train, ["neg", "pos"])
 
 
 @pytest.mark.slow

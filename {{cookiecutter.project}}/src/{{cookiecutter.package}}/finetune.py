@@ -50,7 +50,7 @@ from .model.transformer import ClassifierOutput
 from .runtime import training_run
 from .train.distributed import barrier, resolve_device, unwrap, wrap_ddp
 from .train.logger import report_final
-from .train.loop import evaluate_classifier, fit, resolve_start, to_device
+from .train.loop import check_resume_labels, evaluate_classifier, fit, to_device
 
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "hf"
@@ -256,17 +256,6 @@ def generate_ids(model, input_ids, tokenizer, max_new_tokens, temperature, top_k
 # ----------------------------------------------------------------------------------------------------------------------
 # run
 # ----------------------------------------------------------------------------------------------------------------------
-def _check_resume_labels(run_dir: Path, cfg: FinetuneConfig, labels: list[str] | None) -> None:
-    from .train.checkpoint import load_trainer_state
-
-    start = resolve_start(run_dir, cfg.train)
-    if start is None or labels is None:
-        return
-    saved = (load_trainer_state(start).get("extra") or {}).get("labels")
-    if saved is not None and list(saved) != list(labels):
-        raise ConfigError(f"{start}: checkpoint labels {saved} differ from the data's labels {labels}")
-
-
 def run(cfg: FinetuneConfig, dbg: DebugConfig | None = None) -> dict:
     """Fine-tune as configured; returns the final metrics (also in run_dir/metrics.json). Raises ConfigError."""
     dbg = dbg or DebugConfig()
@@ -282,7 +271,7 @@ def run(cfg: FinetuneConfig, dbg: DebugConfig | None = None) -> dict:
         base = resolve_base_model(cfg, dbg.debug)
         raw = read_sft(cfg) if cfg.task == "sft" else read_classify(cfg)  # data errors before the model loads
         labels = raw[2].labels if cfg.task == "classify" else None
-        _check_resume_labels(run_dir, cfg, labels)
+        check_resume_labels(run_dir, cfg.train, labels)
         run.start(cfg)
 
         if base is None:

@@ -34,13 +34,12 @@ from .data import images
 from .data.batches import ExampleBatches, iter_batches
 from .data.classify import LabelMap
 from .data.image_augment import describe, make_augment
-from .finetune import _check_resume_labels as check_resume_labels
 from .lora import count_parameters
 from .metrics import scalar_metrics
 from .runtime import RunContext, training_run
 from .train.distributed import barrier, resolve_device, unwrap
 from .train.logger import report_final
-from .train.loop import evaluate_classifier, fit
+from .train.loop import check_resume_labels, evaluate_classifier, fit
 
 MODEL_FILE = "model.safetensors"
 MERGED_DIR = "hf"
@@ -181,7 +180,7 @@ def run(cfg: VisionConfig, dbg: DebugConfig | None = None) -> dict:
         raise ConfigError(str(err)) from err
     with training_run(cfg, dbg) as ctx:
         splits = load_splits(cfg)  # data errors before anything is written
-        check_resume_labels(ctx.run_dir, cfg, splits.train.names)  # a resumed head must have the same classes
+        check_resume_labels(ctx.run_dir, cfg.train, splits.train.names)  # a resumed head must have the same classes
         ctx.start(cfg)
         model, history = train(cfg, dbg, ctx, splits)
         result: dict[str, Any] = {}

@@ -260,6 +260,17 @@ def resolve_start(run_dir: str | Path, cfg: TrainConfig, resume: bool | str | Pa
     return found
 
 
+def check_resume_labels(run_dir: str | Path, cfg: TrainConfig, labels: list[str] | None) -> None:
+    """Refuse (ConfigError) to resume a classifier whose checkpoint was trained on other classes than ``labels``:
+    its output layer has one row per class, in that order. Checkpoints keep them as ``extra_state["labels"]``."""
+    start = resolve_start(run_dir, cfg)
+    if start is None or labels is None:
+        return
+    saved = (ckpt.load_trainer_state(start).get("extra") or {}).get("labels")
+    if saved is not None and list(saved) != list(labels):
+        raise ConfigError(f"{start}: checkpoint labels {saved} differ from the data's labels {labels}")
+
+
 def restore(
     run_dir: Path, cfg: TrainConfig, resume: bool | str | Path | None, model: nn.Module, optimizer, scheduler, source
 ) -> int:
