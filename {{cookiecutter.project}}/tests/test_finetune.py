@@ -306,12 +306,12 @@ def test_attached_debugger_trains_without_workers(tmp_path, ft_hf_dir, sft_file,
     monkeypatch.setattr(debug, "debugger_attached", lambda: True)
     seen = []
 
-    class Recording(finetune.sft_data.ExampleBatches):
+    class Recording(finetune.batches.ExampleBatches):
         def __init__(self, *args, **kwargs):
             seen.append(kwargs["num_workers"])
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(finetune.sft_data, "ExampleBatches", Recording)
+    monkeypatch.setattr(finetune.batches, "ExampleBatches", Recording)
     cfg = _cfg("sft", ft_hf_dir, sft_file, tmp_path / "runs", data={"num_workers": 2}, train={"max_steps": 1})
     finetune.run(cfg)
     assert seen == [0]

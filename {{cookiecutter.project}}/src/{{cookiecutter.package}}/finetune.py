@@ -24,7 +24,6 @@ Exit codes: 0 done, 2 bad input (config, data, model path, QLoRA without CUDA, e
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,18 +41,19 @@ from .config import (
     PretrainConfig,
     parse_config,
 )
+from .data import batches
 from .data import classify as cls_data
 from .data import sft as sft_data
 from .lora import apply_lora, check_qlora, count_parameters, load_model, merge_and_save
-from .metrics import TokenLossMeter, classification_metrics, format_confusion_matrix, perplexity
+from .metrics import TokenLossMeter, perplexity, scalar_metrics
 from .model.transformer import ClassifierOutput
 from .runtime import training_run
 from .train.distributed import barrier, resolve_device, unwrap, wrap_ddp
-from .train.loop import fit, resolve_start, to_device
+from .train.logger import report_final
+from .train.loop import evaluate_classifier, fit, resolve_start, to_device
 
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "hf"
-METRICS_FILE = "metrics.json"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -201,7 +201,7 @@ def encode_data(cfg: FinetuneConfig, raw: tuple, tokenizer: Any, max_len: int) -
 def evaluate_sft(model: nn.Module, data: TaskData, batch_size: int, device, max_batches: int | None = None) -> dict:
     """Response loss (token-weighted mean CE over response tokens) and its perplexity."""
     meter = TokenLossMeter()
-    for i, batch in enumerate(sft_data.iter_batches(data.val, batch_size, data.collate_eval)):
+    for i, batch in enumerate(batches.iter_batches(data.val, batch_size, data.collate_eval)):
         if max_batches is not None and i >= max_batches:
             break
         batch = to_device(batch, device)
@@ -210,29 +210,12 @@ def evaluate_sft(model: nn.Module, data: TaskData, batch_size: int, device, max_
     return {"loss": meter.mean, "perplexity": perplexity(meter.mean), "tokens": meter.tokens}
 
 
-@torch.no_grad()
 def evaluate_classify(
     model: nn.Module, data: TaskData, batch_size: int, device, max_batches: int | None = None
 ) -> dict:
     """Loss plus accuracy, per-class and macro precision/recall/F1 and the confusion matrix."""
-    preds, golds, loss_sum = [], [], 0.0
-    for i, batch in enumerate(sft_data.iter_batches(data.val, batch_size, data.collate_eval)):
-        if max_batches is not None and i >= max_batches:
-            break
-        batch = to_device(batch, device)
-        out = model(**batch)
-        loss_sum += float(out.loss) * len(batch["labels"])
-        preds += out.logits.argmax(dim=-1).tolist()
-        golds += batch["labels"].tolist()
-    metrics = classification_metrics(golds, preds, data.labels)
-    metrics["loss"] = loss_sum / max(len(golds), 1)
-    return metrics
-
-
-def scalar_metrics(metrics: dict) -> dict[str, float]:
-    """The numbers fit() logs every evaluation (it averages them over ranks)."""
-    keys = ("loss", "perplexity", "accuracy", "macro_precision", "macro_recall", "macro_f1")
-    return {k: float(metrics[k]) for k in keys if k in metrics}
+    val_batches = batches.iter_batches(data.val, batch_size, data.collate_eval)
+    return evaluate_classifier(model, val_batches, data.labels, device, max_batches)
 
 
 def make_sft_sampler(tokenizer: Any, cfg: FinetuneConfig, device: torch.device):
@@ -342,7 +325,7 @@ def run(cfg: FinetuneConfig, dbg: DebugConfig | None = None) -> dict:
 
         # An attached debugger would not stop in worker processes: effective_num_workers drops them to 0 with a notice.
         workers = effective_num_workers(cfg.data.num_workers)
-        source = sft_data.ExampleBatches(
+        source = batches.ExampleBatches(
             data.train, bs, data.collate_train, seed=cfg.train.seed + info.rank, num_workers=workers
         )
         history = fit(
@@ -389,46 +372,12 @@ def finish(cfg, run_dir, model, tokenizer, data, history, base, counts, evaluate
         device = next(raw_model.parameters()).device
         result["eval"] = evaluate_fn(raw_model, data, cfg.train.batch_size, device)
         raw_model.train()
-    (run_dir / METRICS_FILE).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    log_final_metrics(run_dir, result, cfg.train.logger in ("tensorboard", "both"))
-    print(summary_line(result, run_dir), flush=True)
+    report_final(run_dir, result, cfg.train.logger)
 
     if cfg.merge:
         out = merge_and_save(peft_model, run_dir / MERGED_DIR, tokenizer)
         print(f"merged model written to {out}", flush=True)
     return result
-
-
-def log_final_metrics(run_dir: Path, result: dict, tensorboard: bool) -> None:
-    ev = result.get("eval")
-    if not tensorboard or not ev:
-        return
-    from torch.utils.tensorboard import SummaryWriter
-
-    step = result["steps"]
-    with SummaryWriter(str(run_dir / "tb")) as writer:
-        for key, value in scalar_metrics(ev).items():
-            writer.add_scalar(f"final/{key}", value, step)
-        for label, scores in ev.get("per_class", {}).items():
-            for key in ("precision", "recall", "f1"):
-                writer.add_scalar(f"final/{key}/{label}", scores[key], step)
-        if "confusion_matrix" in ev:
-            table = format_confusion_matrix(ev["confusion_matrix"], ev["labels"])
-            writer.add_text("confusion_matrix", "    " + table.replace("\n", "\n    "), step)
-
-
-def summary_line(result: dict, run_dir: Path) -> str:
-    ev = result.get("eval") or {}
-    parts = [f"done: step {result['steps']}"]
-    if result.get("train_loss") is not None:
-        parts.append(f"train loss {result['train_loss']:.4f}")
-    for key in ("loss", "perplexity", "accuracy", "macro_f1"):
-        if key in ev:
-            parts.append(f"eval {key} {ev[key]:.4f}")
-    if "confusion_matrix" in ev:
-        parts.append("\n" + format_confusion_matrix(ev["confusion_matrix"], ev["labels"]) + "\n")
-    parts.append(f"run dir {run_dir}")
-    return "  ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> None:

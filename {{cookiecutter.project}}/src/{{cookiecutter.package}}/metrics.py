@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -114,3 +115,25 @@ def format_confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[st
     for label, row in zip(labels, matrix, strict=True):
         lines.append(" ".join([label.rjust(width), *(str(v).rjust(width) for v in row)]))
     return "\n".join(lines)
+
+
+def scalar_metrics(metrics: dict) -> dict[str, float]:
+    """The numbers fit() logs every evaluation (it averages them over ranks)."""
+    keys = ("loss", "perplexity", "accuracy", "macro_precision", "macro_recall", "macro_f1")
+    return {k: float(metrics[k]) for k in keys if k in metrics}
+
+
+def summary_line(result: dict, run_dir: Path) -> str:
+    """The closing line of a fine-tuning or classifier run (``result["eval"]`` holds the final evaluation), with the
+    confusion matrix as a table when there is one."""
+    ev = result.get("eval") or {}
+    parts = [f"done: step {result['steps']}"]
+    if result.get("train_loss") is not None:
+        parts.append(f"train loss {result['train_loss']:.4f}")
+    for key in ("loss", "perplexity", "accuracy", "macro_f1"):
+        if key in ev:
+            parts.append(f"eval {key} {ev[key]:.4f}")
+    if "confusion_matrix" in ev:
+        parts.append("\n" + format_confusion_matrix(ev["confusion_matrix"], ev["labels"]) + "\n")
+    parts.append(f"run dir {run_dir}")
+    return "  ".join(parts)

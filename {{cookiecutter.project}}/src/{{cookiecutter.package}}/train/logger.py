@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ConfigError, TrainConfig
+from ..metrics import format_confusion_matrix, scalar_metrics, summary_line
 from .step import StepResult
 
 WANDB_ID_FILE = "wandb-run-id"
@@ -87,7 +88,8 @@ class StepLog:
                 record["compile_s"] = elapsed
             else:  # the window's average: steps are not timed one by one (that would wait for the device)
                 record["tokens_per_s"] = tokens_per_s
-                record["mfu"] = tokens_per_s * (self.fpt or 0.0) / self.peak
+                if self.fpt:  # FLOPs per counted item known (a language model, or given by the entry point)
+                    record["mfu"] = tokens_per_s * self.fpt / self.peak
         self.pending.clear()
         return records
 
@@ -222,8 +224,9 @@ class RunLogger:
         main: bool,
         progress: bool,
         config: dict | None = None,
+        unit: str = "tok",
     ) -> None:
-        self.main, self.max_steps = main, cfg.max_steps
+        self.main, self.max_steps, self.unit = main, cfg.max_steps, unit
         self.metrics_path = run_dir / "metrics.jsonl"
         self.bar: Any = None
         self.writer: Any = None
@@ -266,10 +269,13 @@ class RunLogger:
             self.write(f"{head}  compiling: {record['compile_s']:.1f} s (throughput is logged from the next step on)")
             self._scalars({"train/loss": record["loss"], "train/compile_s": record["compile_s"]}, record["step"])
             return
-        self.write(f"{head}  tok/s {record['tokens_per_s']:,.0f}  mfu {100 * record['mfu']:.1f}%")
+        mfu = f"  mfu {100 * record['mfu']:.1f}%" if "mfu" in record else ""
+        self.write(f"{head}  {self.unit}/s {record['tokens_per_s']:,.0f}{mfu}")
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
-        scalars = {f"train/{key}": record[key] for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu")}
+            rate = {f"{self.unit}_s": f"{record['tokens_per_s']:,.0f}"}
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", **rate, refresh=False)
+        keys = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu")
+        scalars = {f"train/{key}": record[key] for key in keys if key in record}
         self._scalars(scalars, record["step"])
 
     def eval_lines(self, step: int, record: dict, texts: str | list[str] | None) -> None:
@@ -357,3 +363,28 @@ def truncate_metrics(path: Path, after_step: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
     os.replace(tmp, path)
+
+
+METRICS_FILE = "metrics.json"
+
+
+def report_final(run_dir: Path, result: dict, logger: str) -> None:
+    """The end of a fine-tuning or classifier run (rank 0): ``result`` to ``run_dir/metrics.json``, its final
+    evaluation (``result["eval"]``) to TensorBoard under ``final/`` (scalars, per-class scores, the confusion matrix
+    as text) when ``train.logger`` includes it, and the summary line to stdout."""
+    (run_dir / METRICS_FILE).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    ev = result.get("eval")
+    if ev and logger in ("tensorboard", "both"):
+        from torch.utils.tensorboard import SummaryWriter
+
+        step = result["steps"]
+        with SummaryWriter(str(run_dir / "tb")) as writer:
+            for key, value in scalar_metrics(ev).items():
+                writer.add_scalar(f"final/{key}", value, step)
+            for label, scores in ev.get("per_class", {}).items():
+                for key in ("precision", "recall", "f1"):
+                    writer.add_scalar(f"final/{key}/{label}", scores[key], step)
+            if "confusion_matrix" in ev:
+                table = format_confusion_matrix(ev["confusion_matrix"], ev["labels"])
+                writer.add_text("confusion_matrix", "    " + table.replace("\n", "\n    "), step)
+    print(summary_line(result, run_dir), flush=True)

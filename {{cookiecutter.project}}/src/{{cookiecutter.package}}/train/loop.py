@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ConfigError, OptimConfig, TrainConfig, config_to_dict
+from ..metrics import classification_metrics
 from . import checkpoint as ckpt
 from .distributed import all_gather_object, all_reduce_mean, barrier, get_rank, get_world_size, is_compiled, unwrap
 from .flops import peak_flops
@@ -171,6 +172,34 @@ def evaluate_loss(
         raise ValueError("evaluate_loss got no batches")
     loss = float(torch.stack(losses).mean())  # one read of the device for the whole evaluation
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+@torch.no_grad()
+def evaluate_classifier(
+    model: nn.Module,
+    batches: Iterable[dict[str, Tensor]],
+    labels: list[str],
+    device: torch.device,
+    max_batches: int | None = None,
+) -> dict:
+    """Example-weighted mean loss plus :func:`..metrics.classification_metrics` (accuracy, macro and per-class
+    precision/recall/F1, confusion matrix) of a classifier whose ``model(**batch)`` returns ``.logits`` [B, K] and
+    ``.loss``: text (finetune's classify task), images (vision) and audio (speech) alike."""
+    preds, golds, losses = [], [], []
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = to_device(batch, device)
+        out = model(**batch)
+        losses.append(out.loss.float() * len(batch["labels"]))
+        preds.append(out.logits.argmax(dim=-1))
+        golds.append(batch["labels"])
+    if not golds:
+        raise ValueError("evaluate_classifier got no batches")
+    gold = torch.cat(golds)
+    metrics = classification_metrics(gold, torch.cat(preds), labels)  # one read of the device for the predictions
+    metrics["loss"] = float(torch.stack(losses).sum()) / len(gold)
+    return metrics
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -339,6 +368,7 @@ def fit(
     break_on_nonfinite: bool = False,
     flops_per_token: float | None = None,
     progress: bool = True,
+    throughput_unit: str = "tok",
 ) -> list[dict]:
     """Train ``model`` for ``cfg.max_steps`` optimizer steps; return one metrics dict per step taken.
 
@@ -365,8 +395,11 @@ def fit(
         config: the run's full config (dataclass or dict), stored in each checkpoint.
         break_on_nonfinite: install :class:`..debug.NonFiniteGuard` hooks (the first NaN/Inf activation,
             loss or gradient is reported with its module; a debugger stops there).
-        flops_per_token: training FLOPs per token for MFU; default from ``model.flops_per_token`` or 6N.
+        flops_per_token: training FLOPs per token for MFU; default from ``model.flops_per_token`` or 6N for batches
+            with ``input_ids``. Batches without them (images, audio) count examples: pass FLOPs per example for MFU,
+            or nothing (no MFU).
         progress: show the tqdm bar (rank 0 only).
+        throughput_unit: what the throughput counts, for the log line and the bar (``tok``; ``ex`` for examples).
 
     Raises:
         NonFiniteLossError / ``debug.NonFiniteError``: a NaN/Inf loss or gradient. Its update was skipped on the
@@ -385,7 +418,9 @@ def fit(
     autocast = autocast_context(device, dtype)
     steps = StepLog(flops_per_token, peak_flops(device, dtype, cfg.peak_tflops)[0] * get_world_size())
     config_dict = config_to_dict(config) if config is not None else None
-    logger = RunLogger(run_dir, cfg, start_step, main=get_rank() == 0, progress=progress, config=config_dict)
+    logger = RunLogger(
+        run_dir, cfg, start_step, main=get_rank() == 0, progress=progress, config=config_dict, unit=throughput_unit
+    )
     health = GradHealth(raw, cfg.log_every if cfg.grad_stats_every is None else cfg.grad_stats_every)
     ckpt_root, checkpoint_kwargs = run_dir / "checkpoints", {"extra_state": extra_state, "save_model": save_model}
     checkpoint_kwargs["config"] = config_dict
@@ -399,7 +434,7 @@ def fit(
             for step in range(start_step + 1, cfg.max_steps + 1):  # 1-based: step-000001 = after one update
                 guard.step, last = step, step == cfg.max_steps
                 batches = [to_device(train_source.next_batch(), device) for _ in range(cfg.grad_accum)]
-                if steps.fpt is None:
+                if steps.fpt is None and "input_ids" in batches[0]:
                     steps.fpt = _flops_per_token(raw, batches[0]["input_ids"].shape[-1])
                 result = train_step(
                     model,

@@ -29,7 +29,7 @@ class StepResult:
     loss: Tensor  # mean loss over the micro-batches (and over ranks under DDP), fp32 scalar
     grad_norm: Tensor  # global L2 norm of the gradients before clipping, fp32 scalar
     lr: float  # learning rate used for this update (first parameter group; a host number, no sync)
-    tokens: Tensor  # input tokens processed in this step, summed over micro-batches and ranks, fp32 scalar
+    tokens: Tensor  # tokens (examples for non-text batches) of this step, summed over micro-batches and ranks, fp32
     finite: Tensor  # bool scalar: False = loss or grad norm was NaN/Inf and the update was skipped
 
     def check_finite(self, step: int) -> None:
@@ -46,12 +46,20 @@ class StepResult:
 
 
 def count_tokens(batch: dict[str, Tensor]) -> Tensor | int:
-    """Non-padding input tokens of a batch: ``attention_mask`` ones (a device tensor) when there is a 2-D mask, else
-    the element count (a plain int)."""
+    """What a step's throughput counts: the non-padding input tokens of a language batch (``attention_mask`` ones, a
+    device tensor, when there is a 2-D mask, else the ``input_ids`` element count), or the examples of a batch
+    without ``input_ids`` (images, audio: the length of ``labels``), as a plain int."""
     mask = batch.get("attention_mask")
     if isinstance(mask, Tensor) and mask.dim() == 2:
         return mask.sum()
-    return batch["input_ids"].numel()
+    if "input_ids" in batch:
+        return batch["input_ids"].numel()
+    return len(batch["labels"])
+
+
+def batch_device(batch: dict[str, Tensor]) -> torch.device:
+    """The device of the batch's first tensor (``input_ids``, ``pixel_values``, ``input_features``, ...)."""
+    return next(v for v in batch.values() if isinstance(v, Tensor)).device
 
 
 def skips_nonfinite_on_device(optimizer: torch.optim.Optimizer) -> bool:
@@ -110,7 +118,7 @@ def train_step(
         raise ValueError("train_step needs at least one micro-batch")
     model.train()
     n = len(micro_batches)
-    device = micro_batches[0]["input_ids"].device
+    device = batch_device(micro_batches[0])
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
     tokens: Tensor | int = 0
     no_sync = getattr(model, "no_sync", None)  # DistributedDataParallel only
