@@ -18,6 +18,7 @@ the loader counts every clip it read into exactly one split.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +60,7 @@ def load_speech(path: str | None, sample_rate: int, clip_seconds: float, words: 
     """The builtin set (``path`` None) or Speech Commands v2 at ``path``. Raises ValueError (one line)."""
     clip_samples = round(sample_rate * clip_seconds)
     if path is None:
-        return load_builtin(sample_rate, clip_samples)
+        return load_builtin(sample_rate, clip_samples, words)
     return load_speech_commands(Path(path), sample_rate, clip_samples, words)
 
 
@@ -72,17 +73,23 @@ def read_manifest(path: Path = BUILTIN_SPEECH) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def load_builtin(sample_rate: int, clip_samples: int) -> SpeechData:
+def load_builtin(sample_rate: int, clip_samples: int, words: Sequence[str] = WORDS) -> SpeechData:
+    """The clips of ``words`` (label = position in ``words``), decoded and resampled to ``sample_rate``."""
     z = read_manifest()
-    stored = int(z["sample_rate"])
+    stored, known = int(z["sample_rate"]), [str(w) for w in z["words"]]
     if sample_rate > stored:
         raise ValueError(f"{BUILTIN_SPEECH.name} is {stored} Hz: data.sample_rate={sample_rate} must be <= {stored}")
+    unknown = [w for w in words if w not in known]
+    if unknown:
+        raise ValueError(f"{BUILTIN_SPEECH.name} has no clips of {', '.join(unknown)} (its words: {', '.join(known)})")
+    label_of = {known.index(w): i for i, w in enumerate(words)}
     splits: dict[str, list[Clip]] = {s: [] for s in SPLITS}
     bounds, voices = z["offsets"], z["voices"]
     for i, (word, voice, split) in enumerate(zip(z["word"], z["voice"], z["split"], strict=True)):
-        audio = resample(mulaw_decode(z["audio"][bounds[i] : bounds[i + 1]]), stored, sample_rate)[:clip_samples]
-        splits[SPLITS[split]].append(Clip(audio, int(word), f"{BUILTIN_SPEECH.name}[{i}] {voices[voice]}"))
-    return SpeechData([str(w) for w in z["words"]], sample_rate, **splits)
+        if int(word) in label_of:
+            audio = resample(mulaw_decode(z["audio"][bounds[i] : bounds[i + 1]]), stored, sample_rate)[:clip_samples]
+            splits[SPLITS[split]].append(Clip(audio, label_of[int(word)], f"{BUILTIN_SPEECH.name}[{i}] {voices[voice]}"))
+    return SpeechData(list(words), sample_rate, **splits)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -131,14 +138,12 @@ def place(audio: np.ndarray, clip_samples: int) -> np.ndarray:
     return out
 
 
-def speech_collate(clip_samples: int) -> Callable[[list[Clip]], dict[str, Tensor]]:
+def collate_clips(clip_samples: int, clips: list[Clip]) -> dict[str, Tensor]:
     """[Clip] -> {"input_values": float [B, clip_samples], "labels": long [B]} (HF's name for raw audio)."""
+    audio = np.stack([place(c.audio, clip_samples) for c in clips])
+    return {"input_values": torch.from_numpy(audio), "labels": torch.tensor([c.label for c in clips], dtype=torch.long)}
 
-    def collate(clips: list[Clip]) -> dict[str, Tensor]:
-        audio = np.stack([place(c.audio, clip_samples) for c in clips])
-        return {
-            "input_values": torch.from_numpy(audio),
-            "labels": torch.tensor([c.label for c in clips], dtype=torch.long),
-        }
 
-    return collate
+def speech_collate(clip_samples: int) -> Callable[[list[Clip]], dict[str, Tensor]]:
+    """:func:`collate_clips` for one clip length; a partial, so DataLoader workers can pickle it (spawn)."""
+    return functools.partial(collate_clips, clip_samples)
