@@ -60,7 +60,9 @@ def plan(seed: int, clips_per_word: int) -> list[dict]:
     rng = np.random.default_rng(seed)
     voices = variants()
     order = rng.permutation(len(voices))
-    split_of = {voices[i]: 1 if k < VAL_VOICES else 2 if k < VAL_VOICES + TEST_VOICES else 0 for k, i in enumerate(order)}
+    split_of = {
+        voices[i]: 1 if k < VAL_VOICES else 2 if k < VAL_VOICES + TEST_VOICES else 0 for k, i in enumerate(order)
+    }
     return [
         {
             "word": word,

@@ -19,6 +19,7 @@ from {{ cookiecutter.package }}.config import (
     OptimConfig,
     PretrainConfig,
     SampleConfig,
+    SpeechConfig,
     TrainConfig,
     config_to_dict,
     debug_profile,
@@ -94,7 +95,7 @@ def _get(cfg, dotted):
     return cfg
 
 
-@pytest.mark.parametrize("cls", [PretrainConfig, FinetuneConfig])
+@pytest.mark.parametrize("cls", [PretrainConfig, FinetuneConfig, SpeechConfig])
 def test_every_debug_profile_value_beats_the_shipped_configs(cls):
     profile = debug_profile(cls)
     configs = sorted(CONFIGS.glob(f"{cls.__name__.removesuffix('Config').lower()}*.yaml"))
@@ -111,7 +112,7 @@ def test_debug_profile_sections_name_config_classes():
 
     sections = yaml.safe_load(config.DEBUG_PROFILE.read_text(encoding="utf-8"))
     classes = {name.removesuffix("Config").lower() for name in dir(config) if name.endswith("Config")}
-    assert set(sections) == {"pretrain", "finetune"} and set(sections) <= classes
+    assert set(sections) == {"pretrain", "finetune", "speech"} and set(sections) <= classes
     assert debug_profile(GenerateConfig) is None
     cfg, dbg = parse_config(GenerateConfig, ["--debug"])
     assert dbg.debug and cfg == GenerateConfig()  # generate's --debug only picks the debug run's model
@@ -260,7 +261,7 @@ def test_debug_profile_applies_to_finetune_config():
 
 
 def _config_class(path: Path) -> type:
-    return {"pretrain": PretrainConfig, "finetune": FinetuneConfig}[path.stem.split("-")[0]]
+    return {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "speech": SpeechConfig}[path.stem.split("-")[0]]
 
 
 def _without(tree: dict, dotted: str) -> dict:

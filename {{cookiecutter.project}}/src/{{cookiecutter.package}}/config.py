@@ -282,12 +282,16 @@ class GenerateConfig:
     trust_remote_code: bool = False
 
 
+# The ten commands of the builtin set (and the usual 10-word task of Speech Commands v2).
+SPEECH_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+
+
 @dataclass
 class SpeechDataConfig:
     """Spoken commands: the builtin espeak-ng set, or Google Speech Commands v2 at ``path``."""
 
     path: str | None = None  # a Speech Commands v2 directory (<word>/*.wav, *_list.txt); None = the builtin set
-    words: list[str] = field(default_factory=lambda: ["yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go"])
+    words: list[str] = field(default_factory=lambda: list(SPEECH_WORDS))  # the labels, in this order
     sample_rate: int = 8000  # Hz; files at a higher rate are resampled, lower ones refused (the builtin set is 8 kHz)
     clip_seconds: float = 1.0  # every clip is padded (centred) to this length
     num_workers: int = 0  # DataLoader processes collating training batches; forced to 0 under a debugger
@@ -365,10 +369,12 @@ class SpeechConfig:
     features: AudioFeatureConfig = field(default_factory=AudioFeatureConfig)
     model: ConformerConfig = field(default_factory=ConformerConfig)
     augment: SpeechAugmentConfig = field(default_factory=SpeechAugmentConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, min_lr=1e-5, warmup_steps=50, weight_decay=0.01))
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=1e-3, min_lr=1e-5, warmup_steps=50, weight_decay=0.01)
+    )
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            max_steps=600, batch_size=32, eval_every=100, eval_batches=10, save_every=200, keep_checkpoints=2
+            max_steps=3000, batch_size=32, eval_every=500, eval_batches=10, save_every=500, keep_checkpoints=2
         )
     )
 

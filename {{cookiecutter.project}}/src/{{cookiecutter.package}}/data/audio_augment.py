@@ -83,8 +83,10 @@ def spec_masks(b: int, frames: int, bins: int, cfg: SpeechAugmentConfig, g: torc
     and freq_masks bands of up to freq_mask_bins mel bands per clip, at uniform random places."""
     mask = torch.zeros(b, frames, bins, dtype=torch.bool)
     for i in range(b):
-        for axis, count, widest, size in ((1, cfg.time_masks, cfg.time_mask_frames, frames),
-                                          (2, cfg.freq_masks, cfg.freq_mask_bins, bins)):
+        for axis, count, widest, size in (
+            (1, cfg.time_masks, cfg.time_mask_frames, frames),
+            (2, cfg.freq_masks, cfg.freq_mask_bins, bins),
+        ):
             for _ in range(count):
                 width = int(torch.randint(widest + 1, (1,), generator=g))
                 start = int(torch.randint(max(size - width, 0) + 1, (1,), generator=g))

@@ -61,7 +61,12 @@ class LogMel(nn.Module):
     def power(self, wave: Tensor) -> Tensor:
         """|STFT|^2 [B, T, n_fft // 2 + 1] in fp32 (autocast would lose the small energies)."""
         spec = torch.stft(
-            wave.float(), self.n_fft, self.hop_length, window=self.window, center=True, pad_mode="constant",
+            wave.float(),
+            self.n_fft,
+            self.hop_length,
+            window=self.window,
+            center=True,
+            pad_mode="constant",
             return_complex=True,
         )  # [B, F, T]
         return spec.abs().square().transpose(1, 2)

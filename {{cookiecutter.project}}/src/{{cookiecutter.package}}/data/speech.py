@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..config import SPEECH_WORDS
 from .wav import mulaw_decode, read_wav, resample
 
-WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+WORDS = SPEECH_WORDS
 SPLITS = ("train", "val", "test")
 BUILTIN_SPEECH = Path(__file__).resolve().with_name("builtin") / "speech_commands.npz"
 NOISE_DIR = "_background_noise_"
@@ -88,7 +89,9 @@ def load_builtin(sample_rate: int, clip_samples: int, words: Sequence[str] = WOR
     for i, (word, voice, split) in enumerate(zip(z["word"], z["voice"], z["split"], strict=True)):
         if int(word) in label_of:
             audio = resample(mulaw_decode(z["audio"][bounds[i] : bounds[i + 1]]), stored, sample_rate)[:clip_samples]
-            splits[SPLITS[split]].append(Clip(audio, label_of[int(word)], f"{BUILTIN_SPEECH.name}[{i}] {voices[voice]}"))
+            splits[SPLITS[split]].append(
+                Clip(audio, label_of[int(word)], f"{BUILTIN_SPEECH.name}[{i}] {voices[voice]}")
+            )
     return SpeechData(list(words), sample_rate, **splits)
 
 

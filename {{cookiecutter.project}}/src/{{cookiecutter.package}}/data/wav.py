@@ -57,7 +57,8 @@ def read_wav(path: str | Path, rate: int) -> np.ndarray:
             width, channels, file_rate = f.getsampwidth(), f.getnchannels(), f.getframerate()
             raw = f.readframes(f.getnframes())
     except (OSError, EOFError, wave.Error) as err:
-        raise AudioError(f"{path}: not a readable PCM WAV file ({' '.join(str(err).split()) or type(err).__name__})")
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise AudioError(f"{path}: not a readable PCM WAV file ({reason})") from err
     if width not in _PCM_DTYPE:
         raise AudioError(f"{path}: {8 * width}-bit samples; expected 8-, 16- or 32-bit PCM")
     if file_rate < rate:

@@ -17,7 +17,6 @@ audio classifier (``input_values`` raw audio, ``input_features`` precomputed log
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
