@@ -7,7 +7,6 @@ must match the installed torch build. Every failure is a :class:`AudioError` who
 from __future__ import annotations
 
 import wave
-from math import gcd
 from pathlib import Path
 
 import numpy as np
@@ -33,13 +32,16 @@ def mulaw_decode(codes: np.ndarray) -> np.ndarray:
 
 
 def resample(x: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
-    """Polyphase resampling by the exact ratio rate_out / rate_in (scipy's anti-aliasing FIR)."""
-    if rate_in == rate_out:
-        return np.asarray(x, dtype=np.float32)
-    from scipy.signal import resample_poly
-
-    g = gcd(rate_in, rate_out)
-    return resample_poly(x, rate_out // g, rate_in // g).astype(np.float32)
+    """Band-limited resampling through the spectrum: keep the bins below the new Nyquist frequency (an ideal
+    low-pass, so downsampling cannot alias), then invert at the new length. numpy only; exact for any rate pair."""
+    x = np.asarray(x, dtype=np.float32)
+    if rate_in == rate_out or len(x) == 0:
+        return x
+    n_out = max(1, round(len(x) * rate_out / rate_in))
+    spec = np.fft.rfft(x)
+    keep = n_out // 2 + 1
+    spec = spec[:keep] if len(spec) >= keep else np.pad(spec, (0, keep - len(spec)))
+    return (np.fft.irfft(spec, n_out) * (n_out / len(x))).astype(np.float32)
 
 
 _PCM_SCALE = {1: 128.0, 2: 32768.0, 4: 2147483648.0}
