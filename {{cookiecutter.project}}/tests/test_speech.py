@@ -149,7 +149,8 @@ def test_debug_profile_trains_evaluates_and_writes_metrics_in_seconds(tmp_path, 
     run_dir = tmp_path / "speech-debug"
     result = json.loads((run_dir / "metrics.json").read_text())
     assert result["steps"] == 20 and result["augment"] is True
-    for split in ("eval", "val"):  # eval = the held-out test voices
+    assert result["eval_noisy"]["snr_db"] == 10.0
+    for split in ("eval", "val", "eval_noisy"):  # eval = the held-out test voices
         assert set(result[split]) >= {"accuracy", "macro_f1", "per_class", "confusion_matrix", "loss"}
     assert result["eval"]["num_examples"] == result["data"]["test"]
     assert json.loads((run_dir / "label_map.json").read_text())["labels"] == list(WORDS)

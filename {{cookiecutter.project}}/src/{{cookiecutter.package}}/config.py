@@ -378,6 +378,10 @@ class SpeechConfig:
         )
     )
 
+    # also score the test voices mixed with coloured noise at this SNR (dB), the same noise every run: what the noise
+    # augmentation buys; None = off
+    noisy_test_snr_db: float | None = 10.0
+
     def __post_init__(self) -> None:
         _require(bool(self.name) and "/" not in self.name, "name", self.name, "a non-empty name without '/'")
 

@@ -14,18 +14,20 @@ Training is pretrain's: the same ``fit()`` / ``train_step`` (its breakpoint line
 (``--train.resume auto``), TensorBoard, ``--debug``, ``--debugpy``, ``--break-on-nonfinite``.
 
 Run directory ``<out_dir>/<name>/``: ``config.yaml``, ``checkpoints/``, ``tb/``, ``metrics.jsonl`` (per step),
-``label_map.json``, ``metrics.json`` (``eval``: the held-out test voices; ``val``: the validation voices; accuracy,
-macro and per-class precision/recall/F1, confusion matrix).
+``label_map.json``, ``metrics.json`` (``eval``: the held-out test voices; ``val``: the validation voices;
+``eval_noisy``: the test voices in coloured noise at ``noisy_test_snr_db``; each with accuracy, macro and per-class
+precision/recall/F1 and the confusion matrix).
 
 Exit codes: 0 done, 2 bad input (config, audio files, existing run), 1 non-finite loss.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .cli import run_cli
 from .config import ConfigError, DebugConfig, SpeechConfig
@@ -66,11 +68,29 @@ def make_augment(cfg: SpeechConfig, model: nn.Module, data: SpeechData):
     return SpeechAugment(cfg.augment, cfg.data.sample_rate, frames, cfg.features.n_mels, data.noise)
 
 
+def with_noise(batches: Iterator[dict[str, Tensor]], snr_db: float, seed: int) -> Iterator[dict[str, Tensor]]:
+    """The batches mixed with coloured noise at ``snr_db``, drawn from a fixed seed: the same noisy test every run."""
+    from .data.audio_augment import coloured_noise, mix_at_snr
+
+    g = torch.Generator().manual_seed(seed)
+    for batch in batches:
+        x = batch["input_values"]
+        noise = coloured_noise(len(x), x.shape[-1], 2 * torch.rand(len(x), generator=g), g)
+        yield {**batch, "input_values": mix_at_snr(x, noise, torch.full((len(x),), snr_db))}
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, clips: list, cfg: SpeechConfig, labels: list[str], device, max_batches=None) -> dict:
-    """Loss, accuracy, per-class and macro precision/recall/F1, confusion matrix; never augmented."""
-    collate = speech_collate(round(cfg.data.sample_rate * cfg.data.clip_seconds))
-    return evaluate_classifier(model, iter_batches(clips, cfg.train.batch_size, collate), labels, device, max_batches)
+def evaluate(
+    model: nn.Module, clips: list, cfg: SpeechConfig, labels: list[str], device, max_batches=None, snr_db=None
+) -> dict:
+    """Loss, accuracy, per-class and macro precision/recall/F1, confusion matrix; never augmented (``snr_db``: the
+    clips mixed with a fixed draw of coloured noise, a robustness score)."""
+    batches = iter_batches(
+        clips, cfg.train.batch_size, speech_collate(round(cfg.data.sample_rate * cfg.data.clip_seconds))
+    )
+    if snr_db is not None:
+        batches = with_noise(batches, snr_db, cfg.train.seed)
+    return evaluate_classifier(model, batches, labels, device, max_batches)
 
 
 def run(cfg: SpeechConfig, dbg: DebugConfig | None = None) -> dict:
@@ -138,6 +158,10 @@ def finish(cfg: SpeechConfig, run_dir, model: nn.Module, data: SpeechData, histo
         "val": evaluate(model, data.val, cfg, data.labels, device),
         "eval": evaluate(model, data.test, cfg, data.labels, device),
     }
+    if cfg.noisy_test_snr_db is not None:
+        noisy = evaluate(model, data.test, cfg, data.labels, device, snr_db=cfg.noisy_test_snr_db)
+        result["eval_noisy"] = {"snr_db": cfg.noisy_test_snr_db, **noisy}
+        print(f"test voices in noise at {cfg.noisy_test_snr_db:g} dB SNR: accuracy {noisy['accuracy']:.4f}", flush=True)
     model.train()
     report_final(run_dir, result, cfg.train.logger)
     return result
