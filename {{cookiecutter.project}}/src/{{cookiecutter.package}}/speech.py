@@ -5,7 +5,7 @@ are never heard in training) and finally scores the held-out test voices. ``--da
 Commands v2 instead (its own validation/testing lists). The model computes log-mel features from the waveform on its
 device (model/conformer.py); augmentation (data/audio_augment.py) touches training batches only.
 
-    python -m <package>.speech --config configs/speech.yaml                  # the builtin set, ~3 min on 2 cores
+    python -m <package>.speech --config configs/speech.yaml                  # the builtin set, 1.5-3 min on 2 cores
     python -m <package>.speech --config configs/speech.yaml --debug          # tiny model, seconds
     python -m <package>.speech --config configs/speech.yaml --augment.enabled false
     python -m <package>.speech --config configs/speech.yaml --data.path ~/data/speech_commands_v0.02

@@ -17,6 +17,8 @@ Labels are passed through untouched; the input tensors are never modified in pla
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -101,7 +103,7 @@ class SpeechAugment:
     """The ``augment`` hook: {"input_values" [B, N], "labels"} -> the same keys plus "feature_mask" [B, T, M]."""
 
     def __init__(
-        self, cfg: SpeechAugmentConfig, sample_rate: int, frames: int, n_mels: int, noise: list[np.ndarray] = ()
+        self, cfg: SpeechAugmentConfig, sample_rate: int, frames: int, n_mels: int, noise: Sequence[np.ndarray] = ()
     ):
         self.cfg, self.rate, self.frames, self.n_mels = cfg, sample_rate, frames, n_mels
         self.bank = [torch.from_numpy(np.asarray(r, dtype=np.float32)) for r in noise if len(r)]
