@@ -301,6 +301,10 @@ class SpeechDataConfig:
         _require(self.clip_seconds > 0, "data.clip_seconds", self.clip_seconds, "> 0")
         _require(len(self.words) >= 2, "data.words", self.words, "at least two words")
 
+    @property
+    def clip_samples(self) -> int:
+        return round(self.sample_rate * self.clip_seconds)
+
 
 @dataclass
 class AudioFeatureConfig:

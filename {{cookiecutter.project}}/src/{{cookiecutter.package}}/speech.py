@@ -64,7 +64,7 @@ def make_augment(cfg: SpeechConfig, model: nn.Module, data: SpeechData):
 
     if not cfg.augment.enabled:
         return None
-    frames = model.log_mel.frames(round(cfg.data.sample_rate * cfg.data.clip_seconds))
+    frames = model.log_mel.frames(cfg.data.clip_samples)
     return SpeechAugment(cfg.augment, cfg.data.sample_rate, frames, cfg.features.n_mels, data.noise)
 
 
@@ -85,9 +85,7 @@ def evaluate(
 ) -> dict:
     """Loss, accuracy, per-class and macro precision/recall/F1, confusion matrix; never augmented (``snr_db``: the
     clips mixed with a fixed draw of coloured noise, a robustness score)."""
-    batches = iter_batches(
-        clips, cfg.train.batch_size, speech_collate(round(cfg.data.sample_rate * cfg.data.clip_seconds))
-    )
+    batches = iter_batches(clips, cfg.train.batch_size, speech_collate(cfg.data.clip_samples))
     if snr_db is not None:
         batches = with_noise(batches, snr_db, cfg.train.seed)
     return evaluate_classifier(model, batches, labels, device, max_batches)
@@ -103,7 +101,7 @@ def run(cfg: SpeechConfig, dbg: DebugConfig | None = None) -> dict:
         data = read_data(cfg)  # bad audio is reported before anything is built or written
         run.start(cfg)
         model = build_model(cfg, len(data.labels)).to(info.device)
-        clip_samples = round(cfg.data.sample_rate * cfg.data.clip_seconds)
+        clip_samples = cfg.data.clip_samples
         flops = model.flops_per_example(clip_samples)
         if info.is_main:
             print(f"model: Conformer, {model.num_params():,} parameters on {info.device}", flush=True)
