@@ -19,8 +19,13 @@ from {{ cookiecutter.package }}.config import (
     OptimConfig,
     PretrainConfig,
     SampleConfig,
+{%- if cookiecutter.extra_projects in ["speech", "both"] %}
+    SpeechConfig,
+{%- endif %}
     TrainConfig,
+{%- if cookiecutter.extra_projects in ["vision", "both"] %}
     VisionConfig,
+{%- endif %}
     config_to_dict,
     debug_profile,
     load_config,
@@ -29,6 +34,21 @@ from {{ cookiecutter.package }}.config import (
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# The entry points with a --debug section and recipes in configs/ (named after the section: vision.yaml, ...).
+TRAINING_CONFIGS = [
+    PretrainConfig,
+    FinetuneConfig,
+{%- if cookiecutter.extra_projects in ["vision", "both"] %}
+    VisionConfig,
+{%- endif %}
+{%- if cookiecutter.extra_projects in ["speech", "both"] %}
+    SpeechConfig,
+{%- endif %}
+]
+
+
+def _section(cls: type) -> str:
+    return cls.__name__.removesuffix("Config").lower()
 
 
 def test_defaults_without_arguments():
@@ -95,10 +115,10 @@ def _get(cfg, dotted):
     return cfg
 
 
-@pytest.mark.parametrize("cls", [PretrainConfig, FinetuneConfig, VisionConfig])
+@pytest.mark.parametrize("cls", TRAINING_CONFIGS)
 def test_every_debug_profile_value_beats_the_shipped_configs(cls):
     profile = debug_profile(cls)
-    configs = sorted(CONFIGS.glob(f"{cls.__name__.removesuffix('Config').lower()}*.yaml"))
+    configs = sorted(CONFIGS.glob(f"{_section(cls)}*.yaml"))
     assert configs and profile
     for path in configs:
         cfg, _ = parse_config(cls, ["--config", str(path), "--debug"])
@@ -112,7 +132,7 @@ def test_debug_profile_sections_name_config_classes():
 
     sections = yaml.safe_load(config.DEBUG_PROFILE.read_text(encoding="utf-8"))
     classes = {name.removesuffix("Config").lower() for name in dir(config) if name.endswith("Config")}
-    assert set(sections) == {"pretrain", "finetune", "vision"} and set(sections) <= classes
+    assert set(sections) == {_section(cls) for cls in TRAINING_CONFIGS} and set(sections) <= classes
     assert debug_profile(GenerateConfig) is None
     cfg, dbg = parse_config(GenerateConfig, ["--debug"])
     assert dbg.debug and cfg == GenerateConfig()  # generate's --debug only picks the debug run's model
@@ -173,7 +193,7 @@ def _shown(value) -> str:
     return "null" if value is None else str(value)  # how jsonargparse prints a default
 
 
-@pytest.mark.parametrize("cls", [PretrainConfig, FinetuneConfig, GenerateConfig, VisionConfig])
+@pytest.mark.parametrize("cls", [*TRAINING_CONFIGS, GenerateConfig])
 def test_help_lists_every_option_with_its_default(cls, capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_config(cls, ["--help"])
@@ -261,7 +281,7 @@ def test_debug_profile_applies_to_finetune_config():
 
 
 def _config_class(path: Path) -> type:
-    return {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "vision": VisionConfig}[path.stem.split("-")[0]]
+    return {_section(cls): cls for cls in TRAINING_CONFIGS}[path.stem.split("-")[0]]
 
 
 def _without(tree: dict, dotted: str) -> dict:
