@@ -34,7 +34,7 @@ from {{ cookiecutter.package }}.config import (
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-# The entry points with a --debug section and recipes in configs/ (named after the section: vision.yaml, ...).
+# The entry points with a --debug section and recipes in configs/ named after it (finetune-sft.yaml: finetune).
 TRAINING_CONFIGS = [
     PretrainConfig,
     FinetuneConfig,
