@@ -38,7 +38,7 @@ from .metrics import scalar_metrics
 from .runtime import training_run
 from .train.distributed import barrier, unwrap
 from .train.logger import report_final
-from .train.loop import evaluate_classifier, fit
+from .train.loop import check_resume_labels, evaluate_classifier, fit
 
 
 def read_data(cfg: SpeechConfig) -> SpeechData:
@@ -99,6 +99,7 @@ def run(cfg: SpeechConfig, dbg: DebugConfig | None = None) -> dict:
     with training_run(cfg, dbg) as run:
         info, run_dir = run.info, run.run_dir
         data = read_data(cfg)  # bad audio is reported before anything is built or written
+        check_resume_labels(run_dir, cfg.train, data.labels)  # a resumed head must have the same words
         run.start(cfg)
         model = build_model(cfg, len(data.labels)).to(info.device)
         clip_samples = cfg.data.clip_samples

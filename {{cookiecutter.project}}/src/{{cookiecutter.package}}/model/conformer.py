@@ -144,7 +144,6 @@ class ConformerClassifier(nn.Module):
         input_features: Tensor | None = None,
         labels: Tensor | None = None,
         feature_mask: Tensor | None = None,
-        **kwargs,
     ) -> ClassifierOutput:
         """input_values [B, N] waveform or input_features [B, T, n_mels] log-mel; feature_mask [B, T, n_mels] bool
         (SpecAugment, training only: masked cells become 0, the clip's mean after normalising); labels [B]."""

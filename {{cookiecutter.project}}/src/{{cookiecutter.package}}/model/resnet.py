@@ -82,7 +82,7 @@ class ResNet(nn.Module):
                     nn.init.zeros_(m.bn2.weight)
 
     def set_normalization(self, mean: Tensor, std: Tensor) -> None:
-        """Per-channel mean / std of the training images (data/digits.py computes them)."""
+        """Per-channel mean / std of the training images (data/images.py::channel_stats computes them)."""
         self.pixel_mean.copy_(mean)
         self.pixel_std.copy_(std.clamp_min(1e-6))
 
