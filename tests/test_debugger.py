@@ -123,14 +123,7 @@ class Program:
 
 # --------------------------------------------------------------------------------------------- launch.json
 
-TRAINING = {
-    "Pretrain (debug profile)",
-    "Pretrain",
-    "Fine-tune SFT",
-    "Fine-tune classify",
-    "Vision (digits ResNet)",
-    "Speech (commands Conformer)",
-}
+TRAINING = set(RUN_ORDER) - {"Generate", "Tests (pytest)"}  # every entry point that trains through train_step
 NOT_LAUNCHABLE_HERE = {
     "Debug test (Testing view)": "its program is ${file}: VS Code's Testing view fills it in",
 }
