@@ -1,4 +1,4 @@
-"""metrics.py against scikit-learn on the same predictions (sklearn is a test dependency only)."""
+"""metrics.py against scikit-learn on the same predictions (ours are plain torch, sklearn is the reference)."""
 
 from __future__ import annotations
 
