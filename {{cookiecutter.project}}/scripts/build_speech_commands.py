@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import io
 import subprocess
-import wave
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from {{ cookiecutter.package }}.data.speech import BUILTIN_SPEECH, SPLITS, WORDS
-from {{ cookiecutter.package }}.data.wav import mulaw_encode, resample
+from {{ cookiecutter.package }}.data.wav import mulaw_encode, read_wav
 
 RATE = 8000  # telephone band: commands stay intelligible and the set fits the size budget
 ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-us-nyc")
@@ -42,10 +41,8 @@ def variants() -> list[str]:
 def synthesise(word: str, accent: str, variant: str, speed: int, pitch: int) -> np.ndarray:
     voice = accent if variant == "default" else f"{accent}+{variant}"
     cmd = ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", word]
-    data = subprocess.run(cmd, capture_output=True, check=True).stdout
-    with wave.open(io.BytesIO(data)) as f:  # espeak-ng writes 16-bit mono at 22,050 Hz
-        rate, pcm = f.getframerate(), np.frombuffer(f.readframes(f.getnframes()), dtype="<i2")
-    return resample(pcm.astype(np.float32) / 32768.0, rate, RATE)
+    data = subprocess.run(cmd, capture_output=True, check=True).stdout  # 16-bit mono WAV at 22,050 Hz
+    return read_wav(io.BytesIO(data), RATE)
 
 
 def trim(x: np.ndarray, floor_db: float = -40.0, margin_s: float = 0.03) -> np.ndarray:

@@ -49,7 +49,7 @@ from .metrics import TokenLossMeter, perplexity, scalar_metrics
 from .model.transformer import ClassifierOutput
 from .runtime import training_run
 from .train.distributed import barrier, resolve_device, unwrap, wrap_ddp
-from .train.logger import report_final
+from .train.logger import history_result, report_final
 from .train.loop import check_resume_labels, evaluate_classifier, fit, to_device
 
 ADAPTER_DIR = "adapter"
@@ -351,8 +351,7 @@ def finish(cfg, run_dir, model, tokenizer, data, history, base, counts, evaluate
     result: dict[str, Any] = {
         "task": cfg.task,
         "base_model": base,
-        "steps": history[-1]["step"] if history else 0,
-        "train_loss": history[-1]["loss"] if history else None,
+        **history_result(history),
         "trainable_params": counts[0],
         "total_params": counts[1],
     }

@@ -37,7 +37,7 @@ from .data.speech import SpeechData, load_speech, speech_collate
 from .metrics import scalar_metrics
 from .runtime import training_run
 from .train.distributed import barrier, unwrap
-from .train.logger import report_final
+from .train.logger import history_result, report_final
 from .train.loop import check_resume_labels, evaluate_classifier, fit
 
 
@@ -149,9 +149,8 @@ def finish(cfg: SpeechConfig, run_dir, model: nn.Module, data: SpeechData, histo
     model.eval()
     result: dict[str, Any] = {
         "task": "speech",
-        "steps": history[-1]["step"] if history else 0,
-        "train_loss": history[-1]["loss"] if history else None,
-        "total_params": sum(p.numel() for p in model.parameters()),
+        **history_result(history),
+        "total_params": model.num_params(),
         "augment": cfg.augment.enabled,
         "data": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
         "val": evaluate(model, data.val, cfg, data.labels, device),

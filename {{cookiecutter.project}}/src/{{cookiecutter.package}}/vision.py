@@ -38,7 +38,7 @@ from .lora import count_parameters
 from .metrics import scalar_metrics
 from .runtime import RunContext, training_run
 from .train.distributed import barrier, resolve_device, unwrap
-from .train.logger import report_final
+from .train.logger import history_result, report_final
 from .train.loop import check_resume_labels, evaluate_classifier, fit
 
 MODEL_FILE = "model.safetensors"
@@ -106,8 +106,7 @@ def finish(cfg: VisionConfig, run_dir: Path, model: nn.Module, splits: images.Sp
     result: dict[str, Any] = {
         "task": "vision",
         "base_model": cfg.base_model,
-        "steps": history[-1]["step"] if history else 0,
-        "train_loss": history[-1]["loss"] if history else None,
+        **history_result(history),
         "trainable_params": trainable,
         "total_params": total,
         "augmentation": describe(cfg.augment),

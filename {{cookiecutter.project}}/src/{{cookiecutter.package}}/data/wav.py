@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import wave
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -48,14 +49,15 @@ _PCM_SCALE = {1: 128.0, 2: 32768.0, 4: 2147483648.0}
 _PCM_DTYPE = {1: np.uint8, 2: "<i2", 4: "<i4"}
 
 
-def read_wav(path: str | Path, rate: int) -> np.ndarray:
-    """A PCM WAV file as float32 mono in [-1, 1] at ``rate`` Hz (channels averaged, downsampled when needed).
+def read_wav(path: str | Path | BinaryIO, rate: int) -> np.ndarray:
+    """A PCM WAV file (a path, or a binary file object such as espeak-ng's output in ``io.BytesIO``) as float32 mono
+    in [-1, 1] at ``rate`` Hz (channels averaged, downsampled when needed).
 
     A file recorded below ``rate`` is refused rather than upsampled: the missing high band cannot be made up, and a
     model would learn that silence there means something.
     """
     try:
-        with wave.open(str(path), "rb") as f:
+        with wave.open(path if hasattr(path, "read") else str(path), "rb") as f:
             width, channels, file_rate = f.getsampwidth(), f.getnchannels(), f.getframerate()
             raw = f.readframes(f.getnframes())
     except (OSError, EOFError, wave.Error) as err:

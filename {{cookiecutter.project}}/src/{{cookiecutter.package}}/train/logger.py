@@ -368,6 +368,13 @@ def truncate_metrics(path: Path, after_step: int) -> None:
 METRICS_FILE = "metrics.json"
 
 
+def history_result(history: list[dict]) -> dict:
+    """``steps`` and ``train_loss`` of a run's result (:func:`report_final`'s summary line reads them), from fit()'s
+    per-step history; 0 steps and no loss when nothing was trained (a resume at max_steps)."""
+    last = history[-1] if history else {}
+    return {"steps": last.get("step", 0), "train_loss": last.get("loss")}
+
+
 def report_final(run_dir: Path, result: dict, logger: str) -> None:
     """The end of a fine-tuning or classifier run (rank 0): ``result`` to ``run_dir/metrics.json``, its final
     evaluation (``result["eval"]``) to TensorBoard under ``final/`` (scalars, per-class scores, the confusion matrix
