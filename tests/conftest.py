@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import pytest
 from cookiecutter.main import cookiecutter
+
+pytest_plugins = ["ci_skips"]
 
 TEMPLATE = Path(__file__).resolve().parents[1]
 DEFAULT_PROJECT = "llm-lab"
@@ -87,6 +90,15 @@ def run(project: Path, *args: str, timeout: float = 600, check: bool = True) -> 
             f"\n--- stderr\n{result.stderr[-4000:]}"
         )
     return result
+
+
+def tool(name: str) -> str | None:
+    """A command the test requirements install (hadolint, shellcheck, ...): beside the interpreter running the tests
+    first, since `make test` runs `.venv/bin/python` without putting `.venv/bin` on PATH, then on PATH."""
+    beside = Path(sys.executable).parent / name  # not resolved: a venv's python is a link out of its bin/
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which(name)
 
 
 def venv_sharing_this_environment(path: Path) -> Path:
