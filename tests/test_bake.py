@@ -49,6 +49,8 @@ PACKAGE_MODULES = [
     "model/hf.py",
     "data/tokenizer.py",
     "data/corpus.py",
+    "data/sources.py",
+    "data/token_cache.py",
     "data/sft.py",
     "data/classify.py",
     "train/step.py",
