@@ -43,6 +43,7 @@ PACKAGE_MODULES = [
     "finetune.py",
     "generate.py",
     "bench.py",
+    "bench_timing.py",
     "model/attention.py",
     "model/transformer.py",
     "model/lm.py",
