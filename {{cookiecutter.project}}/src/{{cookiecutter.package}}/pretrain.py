@@ -114,6 +114,7 @@ def run(cfg: PretrainConfig, dbg: DebugConfig | None = None) -> list[dict]:
             sample=make_sampler(corpus.tokenizer, cfg.sample, info.device, cfg.train.seed),
             config=cfg,
             break_on_nonfinite=dbg.break_on_nonfinite,
+            resume_from=run.resume_from,
         )
 
         if info.is_main:

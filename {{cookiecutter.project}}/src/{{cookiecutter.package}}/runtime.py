@@ -25,11 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import DebugConfig, config_to_yaml, save_config
+from .config import ConfigError, DebugConfig, TrainConfig, config_to_yaml, save_config
 from .debug import debugger_attached, start_debugger
-from .train.distributed import DistInfo, get_rank, init_distributed, teardown, wrap_ddp
+from .train import checkpoint as ckpt
+from .train.distributed import DistInfo, get_rank, init_distributed, notice, teardown, wrap_ddp
 from .train.logger import require_logger
-from .train.loop import resolve_start, setup_runtime
+from .train.loop import setup_runtime
 
 
 @dataclass
@@ -39,6 +40,7 @@ class RunContext:
     info: DistInfo
     run_dir: Path
     dbg: DebugConfig
+    resume_from: Path | None  # the checkpoint this run continues from (verified), None = a fresh run
 
     def start(self, cfg: Any) -> None:
         """Print the resolved config (rank 0), then seeds, determinism and TF32: call before building the model."""
@@ -61,15 +63,15 @@ class RunContext:
 
 @contextlib.contextmanager
 def training_run(cfg: Any, dbg: DebugConfig) -> Iterator[RunContext]:
-    """Distributed init, the debugger (``--debugpy``/``--pycharm-debug``), then refuse early (an existing run without
-    resume/overwrite, a bad resume path) so a refused run changes nothing; the process group is torn down at the end,
-    whatever happens. ``cfg`` is any config with ``train``, ``out_dir`` and ``name``."""
+    """Distributed init, the debugger (``--debugpy``/``--pycharm-debug``), then the resume point, resolved once
+    (:func:`resolve_start`), which refuses early (an existing run without resume/overwrite, a bad or damaged resume
+    path) so a refused run changes nothing; the process group is torn down at the end, whatever happens. ``cfg`` is
+    any config with ``train``, ``out_dir`` and ``name``."""
     info = init_distributed(cfg.train.device)
     try:
         start_debugger(dbg, info.rank)
         run_dir = Path(cfg.out_dir) / cfg.name
-        resolve_start(run_dir, cfg.train)
-        yield RunContext(info, run_dir, dbg)
+        yield RunContext(info, run_dir, dbg, resolve_start(run_dir, cfg.train))
     finally:
         teardown()
 
@@ -101,3 +103,63 @@ def maybe_compile(
         state = "on" if use else "off"
         print(f"compile: {state} ({why})", file=sys.stderr if not use else sys.stdout, flush=True)
     return torch.compile(model, fullgraph=fullgraph) if use else model
+
+
+def resolve_resume(resume: str | Path | None, root: str | Path, log: ckpt.Log = None) -> Path | None:
+    """``None``/``""`` -> no resume; ``"auto"`` -> the newest intact checkpoint under ``root`` (None if there is none:
+    a fresh start); anything else -> that checkpoint directory, or a checkpoints root / run directory whose newest
+    intact one is taken (:func:`.train.checkpoint.newest_intact`; ``log`` gets its notices). The result is verified.
+
+    Raises :class:`.train.checkpoint.DamagedCheckpointError` (a :class:`ConfigError`) for a damaged checkpoint named
+    explicitly or a named run without an intact one, and FileNotFoundError for a path without checkpoints.
+    """
+    if resume is None or str(resume) == "":
+        return None
+    if str(resume) == "auto":
+        return ckpt.newest_intact(root, log)
+    path = Path(resume)
+    if ckpt.is_complete(path):
+        ckpt.verify_checkpoint(path, log)
+        return path
+    for candidate_root in (path, path / "checkpoints"):
+        if ckpt.list_checkpoints(candidate_root):
+            found = ckpt.newest_intact(candidate_root, log)
+            if found is None:
+                raise ckpt.DamagedCheckpointError(
+                    f"train.resume={str(resume)!r}: every checkpoint in {candidate_root} is damaged: restore one "
+                    "from a copy, or name another checkpoint"
+                )
+            return found
+    raise FileNotFoundError(f"train.resume={str(resume)!r}: no complete checkpoint there")
+
+
+def resolve_start(run_dir: str | Path, cfg: TrainConfig) -> Path | None:
+    """The checkpoint this run continues from (``cfg.resume``, see :func:`resolve_resume`), or None for a fresh
+    start. Worked out once per run, before anything is written, and handed to ``fit`` and the label checks.
+
+    Raises :class:`ConfigError` when a fresh start would overwrite checkpoints (without ``cfg.overwrite``) or a
+    resume path holds no intact checkpoint.
+    """
+    root = Path(run_dir) / "checkpoints"
+    try:
+        found = resolve_resume(cfg.resume, root, log=notice)
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from err
+    if found is None and cfg.resume == "auto":
+        notice(f"no intact checkpoint in {root}: starting from step 0")
+    elif found is None and ckpt.list_checkpoints(root) and not cfg.overwrite:
+        raise ConfigError(
+            f"{run_dir} already has checkpoints (latest {ckpt.latest_checkpoint(root).name}): continue it with "
+            "--train.resume auto, start a new run with another --name, or replace it with --train.overwrite true"
+        )
+    return found
+
+
+def check_resume_labels(resume_from: Path | None, labels: list[str] | None) -> None:
+    """Refuse (ConfigError) to resume a classifier whose checkpoint was trained on other classes than ``labels``:
+    its output layer has one row per class, in that order. Checkpoints keep them as ``extra["labels"]``."""
+    if resume_from is None or labels is None:
+        return
+    saved = (ckpt.load_trainer_state(resume_from, verified=True).get("extra") or {}).get("labels")
+    if saved is not None and list(saved) != list(labels):
+        raise ConfigError(f"{resume_from}: checkpoint labels {saved} differ from the data's labels {labels}")

@@ -36,10 +36,10 @@ from .data.classify import LabelMap
 from .data.image_augment import describe, make_augment
 from .lora import count_parameters
 from .metrics import scalar_metrics
-from .runtime import RunContext, training_run
+from .runtime import RunContext, check_resume_labels, training_run
 from .train.distributed import barrier, resolve_device, unwrap
 from .train.logger import history_result, report_final
-from .train.loop import check_resume_labels, evaluate_classifier, fit
+from .train.loop import evaluate_classifier, fit
 
 MODEL_FILE = "model.safetensors"
 MERGED_DIR = "hf"
@@ -164,6 +164,7 @@ def train(cfg: VisionConfig, dbg: DebugConfig, run: RunContext, splits: images.S
         extra_state={"labels": names},
         config=cfg,
         break_on_nonfinite=dbg.break_on_nonfinite,
+        resume_from=run.resume_from,
         flops_per_token=flops_per_example(unwrap(model), splits.train.images.shape[-2:]),  # MFU, per image
         throughput_unit="ex",
     )
@@ -179,7 +180,7 @@ def run(cfg: VisionConfig, dbg: DebugConfig | None = None) -> dict:
         raise ConfigError(str(err)) from err
     with training_run(cfg, dbg) as ctx:
         splits = load_splits(cfg)  # data errors before anything is written
-        check_resume_labels(ctx.run_dir, cfg.train, splits.train.names)  # a resumed head must have the same classes
+        check_resume_labels(ctx.resume_from, splits.train.names)  # a resumed head must have the same classes
         ctx.start(cfg)
         model, history = train(cfg, dbg, ctx, splits)
         result: dict[str, Any] = {}

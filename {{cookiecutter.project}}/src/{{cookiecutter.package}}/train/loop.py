@@ -28,13 +28,23 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError, OptimConfig, TrainConfig, config_to_dict
+from ..config import OptimConfig, TrainConfig, config_to_dict
 from ..metrics import classification_metrics
 from . import checkpoint as ckpt
-from .distributed import all_gather_object, all_reduce_mean, barrier, get_rank, get_world_size, is_compiled, unwrap
+from .distributed import (
+    all_gather_object,
+    all_reduce_mean,
+    barrier,
+    get_rank,
+    get_world_size,
+    is_compiled,
+    notice,
+    unwrap,
+)
 from .flops import peak_flops
 from .logger import GradHealth, RunLogger, StepLog
 from .optim import build_optimizer, build_scheduler
+from .state import rng_state
 from .step import NonFiniteLossError, train_step
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -50,11 +60,6 @@ class BatchSource(Protocol):
     def state_dict(self) -> dict: ...  # data position, for exact resume
 
     def load_state_dict(self, state: dict) -> None: ...
-
-
-def _notice(message: str) -> None:
-    if get_rank() == 0:
-        print(message, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -133,14 +138,14 @@ def resolve_precision(device: torch.device, precision: str) -> torch.dtype | Non
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16
-        _notice(f"notice: {torch.cuda.get_device_name(device)} has no bf16 support: training in fp32 (TF32 if allowed)")
+        notice(f"notice: {torch.cuda.get_device_name(device)} has no bf16 support: training in fp32 (TF32 if allowed)")
         return None
     if device.type == "cpu":
         if cpu_supports_bf16():
             return torch.bfloat16
-        _notice("notice: this CPU has no native bf16 (AVX512-BF16/AMX/Arm BF16): training in fp32")
+        notice("notice: this CPU has no native bf16 (AVX512-BF16/AMX/Arm BF16): training in fp32")
         return None
-    _notice(f"notice: bf16 autocast is not used on {device.type}: training in fp32")
+    notice(f"notice: bf16 autocast is not used on {device.type}: training in fp32")
     return None
 
 
@@ -230,77 +235,33 @@ def _params_finite(model: nn.Module) -> bool:
     return bool(torch.stack(checks).all()) if checks else True  # one read of the device
 
 
-def _wanted_resume(cfg: TrainConfig, resume: bool | str | Path | None) -> str | Path | None:
-    if resume is None:
-        return cfg.resume
-    if isinstance(resume, bool):
-        return "auto" if resume else None
-    return resume
-
-
-def resolve_start(run_dir: str | Path, cfg: TrainConfig, resume: bool | str | Path | None = None) -> Path | None:
-    """The checkpoint to resume from, or ``None`` for a fresh start; raises :class:`ConfigError` when a fresh start
-    would overwrite checkpoints (without ``cfg.overwrite``) or a resume path holds no checkpoint.
-
-    ``resume``: ``None`` = ``cfg.resume``; ``False`` = fresh; ``True``/``"auto"`` = latest checkpoint (fresh if
-    none yet); a path = that checkpoint (or that run directory's latest). Entry points call it before writing
-    anything so a refused run changes nothing; :func:`fit` calls it again.
-    """
-    root = Path(run_dir) / "checkpoints"
-    want = _wanted_resume(cfg, resume)
-    try:
-        found = ckpt.resolve_resume(want, root, log=_notice)
-    except FileNotFoundError as err:
-        raise ConfigError(str(err)) from err
-    if found is None and want is None and ckpt.list_checkpoints(root) and not cfg.overwrite:
-        raise ConfigError(
-            f"{run_dir} already has checkpoints (latest {ckpt.latest_checkpoint(root).name}): continue it with "
-            "--train.resume auto, start a new run with another --name, or replace it with --train.overwrite true"
-        )
-    return found
-
-
-def check_resume_labels(run_dir: str | Path, cfg: TrainConfig, labels: list[str] | None) -> None:
-    """Refuse (ConfigError) to resume a classifier whose checkpoint was trained on other classes than ``labels``:
-    its output layer has one row per class, in that order. Checkpoints keep them as ``extra_state["labels"]``."""
-    start = resolve_start(run_dir, cfg)
-    if start is None or labels is None:
-        return
-    saved = (ckpt.load_trainer_state(start).get("extra") or {}).get("labels")
-    if saved is not None and list(saved) != list(labels):
-        raise ConfigError(f"{start}: checkpoint labels {saved} differ from the data's labels {labels}")
-
-
 def restore(
-    run_dir: Path, cfg: TrainConfig, resume: bool | str | Path | None, model: nn.Module, optimizer, scheduler, source
+    resume_from: Path | None, run_dir: Path, cfg: TrainConfig, model: nn.Module, optimizer, scheduler, source
 ) -> int:
-    """Resume set-up: load the checkpoint :func:`resolve_start` picks into the model, optimizer, scheduler, RNG and
-    data source and return its step; or, for a fresh run, clear the run directory's old checkpoints and TensorBoard
-    logs (rank 0; a fresh run owns its directory) and return 0."""
-    ckpt_root = run_dir / "checkpoints"
-    resume_from = resolve_start(run_dir, cfg, resume)
+    """Resume set-up: load the checkpoint ``resume_from`` (resolved and verified before fit, see
+    ``runtime.resolve_start``) into the model, optimizer, scheduler, RNG and data source and return its step; or,
+    for a fresh run, clear the run directory's old TensorBoard logs (and its checkpoints with ``cfg.overwrite``;
+    rank 0: a fresh run owns its directory) and return 0."""
     if resume_from is None:
-        if _wanted_resume(cfg, resume) == "auto":
-            _notice(f"no intact checkpoint in {ckpt_root}: starting from step 0")
         if get_rank() == 0:
             # Old logs of the same name would interleave with the new curve. Checkpoints go only when asked to
             # (overwrite): after "auto" found none intact, the damaged ones stay to be inspected.
-            for stale in (ckpt_root, run_dir / "tb") if cfg.overwrite else (run_dir / "tb",):
+            for stale in (run_dir / "checkpoints", run_dir / "tb") if cfg.overwrite else (run_dir / "tb",):
                 if stale.exists():
-                    _notice(f"fresh run: removing {stale}")
+                    notice(f"fresh run: removing {stale}")
                     shutil.rmtree(stale)
         barrier()
         return 0
     rank, world = get_rank(), get_world_size()
-    state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, rank=rank)
+    state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, rank=rank, verified=True)
     data = state.get("data")
     if isinstance(data, list):  # one position per rank
         if len(data) != world:
-            _notice(f"notice: checkpoint has data positions for {len(data)} ranks, running {world}: reusing")
+            notice(f"notice: checkpoint has data positions for {len(data)} ranks, running {world}: reusing")
         data = data[rank % len(data)]
     if data is not None:
         source.load_state_dict(data)
-    _notice(f"resumed from {resume_from} at step {int(state['step'])}")
+    notice(f"resumed from {resume_from} at step {int(state['step'])}")
     return int(state["step"])
 
 
@@ -320,7 +281,7 @@ def save_state(
     """Checkpoint after ``step``: every rank contributes its data position and RNG state, rank 0 writes (atomically,
     refusing non-finite weights) and returns the path; the others return None."""
     world = get_world_size()
-    per_rank = all_gather_object({"data": source.state_dict(), "rng": ckpt.rng_state()})
+    per_rank = all_gather_object({"data": source.state_dict(), "rng": rng_state()})
     path = None
     if get_rank() == 0:
         if not _params_finite(model):
@@ -338,7 +299,7 @@ def save_state(
             save_model=save_model,
             keep=cfg.keep_checkpoints,
         )
-        _notice(f"checkpoint {path}")
+        notice(f"checkpoint {path}")
     barrier()
     return path
 
@@ -372,7 +333,7 @@ def fit(
     optim: OptimConfig | None = None,
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     sample: Callable[[nn.Module], str | list[str]] | None = None,
-    resume: bool | str | Path | None = None,
+    resume_from: Path | None = None,
     extra_state: dict | Callable[[], dict] | None = None,
     save_model: Callable[[nn.Module, Path], None] | None = None,
     config: Any = None,
@@ -396,10 +357,9 @@ def fit(
             rank (the numbers are averaged over ranks). Logged as ``eval/<key>``; see :func:`evaluate_loss`.
         sample: ``sample(model) -> text or texts``, called with ``evaluate`` on rank 0 only (same modes); printed and
             logged to TensorBoard as text.
-        resume: ``None`` = use ``cfg.resume``; ``False`` = fresh; ``True``/``"auto"`` = latest checkpoint in
-            ``run_dir/checkpoints`` (fresh if there is none); a path = that checkpoint (see :func:`resolve_start`).
-            A fresh run refuses to start in a run directory that already has checkpoints unless
-            ``cfg.overwrite``; it then clears ``checkpoints/``, ``tb/`` and ``metrics.jsonl`` of that run.
+        resume_from: the checkpoint to continue from, resolved (and verified) once before fit by
+            ``runtime.resolve_start``; ``None`` = a fresh run, which clears ``tb/`` and ``metrics.jsonl`` of
+            ``run_dir`` (and ``checkpoints/`` with ``cfg.overwrite``).
         extra_state: plain data (or a function returning it) stored with every checkpoint as ``extra``.
         save_model: ``save_model(unwrapped_model, checkpoint_dir)`` adds files to each checkpoint before it is
             published atomically (e.g. a peft adapter: ``model.save_pretrained(checkpoint_dir / "adapter")``).
@@ -416,7 +376,6 @@ def fit(
         NonFiniteLossError / ``debug.NonFiniteError``: a NaN/Inf loss or gradient. Its update was skipped on the
             device (see :func:`.step.train_step`); the error comes at the next read (log, eval or checkpoint step),
             before any checkpoint is written, so the latest checkpoint stays a good one.
-        ConfigError: fresh start in a run directory with checkpoints, or a resume path without a checkpoint.
     """
     from ..debug import NonFiniteGuard
 
@@ -424,7 +383,7 @@ def fit(
     device = next(raw.parameters()).device
     optimizer = build_optimizer(raw, optim)
     scheduler = build_scheduler(optimizer, optim, cfg.max_steps)
-    start_step = restore(run_dir, cfg, resume, raw, optimizer, scheduler, train_source)
+    start_step = restore(resume_from, run_dir, cfg, raw, optimizer, scheduler, train_source)
     dtype = resolve_precision(device, cfg.precision)
     autocast = autocast_context(device, dtype)
     steps = StepLog(flops_per_token, peak_flops(device, dtype, cfg.peak_tflops)[0] * get_world_size())
@@ -438,7 +397,7 @@ def fit(
     compiling = is_compiled(model)  # its first step compiles the model: logged as such, not as throughput
     anomaly = torch.autograd.detect_anomaly(check_nan=True) if cfg.detect_anomaly else contextlib.nullcontext()
     if start_step >= cfg.max_steps:
-        _notice(f"already at step {start_step} of train.max_steps={cfg.max_steps}: nothing to train")
+        notice(f"already at step {start_step} of train.max_steps={cfg.max_steps}: nothing to train")
     history: list[dict] = []
     try:
         with NonFiniteGuard(raw, enabled=break_on_nonfinite) as guard, anomaly:
