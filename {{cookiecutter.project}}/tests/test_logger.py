@@ -13,7 +13,7 @@ import torch
 from {{ cookiecutter.package }}.data.corpus import TokenWindows
 from {{ cookiecutter.package }}.runtime import resolve_start
 from {{ cookiecutter.package }}.train.logger import GradHealth, RunLogger, StepLog
-from {{ cookiecutter.package }}.train.loop import fit
+from {{ cookiecutter.package }}.train.loop import RunSetup, fit
 from {{ cookiecutter.package }}.train.step import NonFiniteLossError, StepResult, train_step
 
 
@@ -220,7 +220,7 @@ def test_wandb_offline_run_logs_what_metrics_jsonl_has_and_resume_keeps_its_id(
     more = dataclasses.replace(cfg, max_steps=6)
     source = TokenWindows(pattern_tokens, cfg.batch_size, 16, seed=0)
     resume_from = resolve_start(run_dir, dataclasses.replace(more, resume="auto"))
-    fit(tiny_model, source, more, run_dir, resume_from=resume_from, progress=False)
+    fit(tiny_model, source, more, run_dir, setup=RunSetup(resume_from=resume_from), progress=False)
     runs = [_wandb_history(path) for path in (run_dir / "wandb").glob("offline-run-*/run-*.wandb")]
     assert len(runs) == 2 and {rid for rid, _ in runs} == {run_id}  # the resumed run continued the same W&B run
     resumed = next(rows for _, rows in runs if any(row.get("_step") == 6 for row in rows))

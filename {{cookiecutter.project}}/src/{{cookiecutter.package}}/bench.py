@@ -43,8 +43,8 @@ from torch import nn
 from .config import ModelConfig, OptimConfig, TrainConfig
 from .model.hf import hf_config_dict, to_hf_key
 from .model.lm import LlamaLM
+from .runtime import setup_runtime
 from .train.flops import peak_flops
-from .train.loop import setup_runtime
 from .train.optim import build_optimizer
 from .train.step import train_step
 

@@ -328,8 +328,7 @@ def run(cfg: FinetuneConfig, dbg: DebugConfig | None = None) -> dict:
             extra_state={"labels": labels, "task": cfg.task, "base_model": base},
             save_model=lambda m, d: peft_model_of(m).save_pretrained(str(d / ADAPTER_DIR)),
             config=cfg,
-            break_on_nonfinite=dbg.break_on_nonfinite,
-            resume_from=run.resume_from,
+            setup=run.setup,
         )
 
         result: dict[str, Any] = {}

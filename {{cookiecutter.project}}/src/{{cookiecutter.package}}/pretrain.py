@@ -113,8 +113,7 @@ def run(cfg: PretrainConfig, dbg: DebugConfig | None = None) -> list[dict]:
             evaluate=lambda m: evaluate_loss(m, val_windows, info.device),
             sample=make_sampler(corpus.tokenizer, cfg.sample, info.device, cfg.train.seed),
             config=cfg,
-            break_on_nonfinite=dbg.break_on_nonfinite,
-            resume_from=run.resume_from,
+            setup=run.setup,
         )
 
         if info.is_main:

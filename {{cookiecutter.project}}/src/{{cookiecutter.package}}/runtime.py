@@ -1,9 +1,11 @@
-"""The set-up every training entry point shares, in one place, and the choice of whether to ``torch.compile``.
+"""Everything a training job sets up once, in one place: distributed init, the debugger, the resume point, seeds,
+determinism, TF32, the precision and whether to ``torch.compile``. Nothing in ``train/``, ``model/`` or ``data/``
+imports this module: it hands the loop what it decided (:class:`.train.loop.RunSetup`).
 
-:func:`training_run` is what ``pretrain.run`` and ``finetune.run`` wrap their work in: distributed init, the
-debugger, the refusal of a run that would overwrite checkpoints (before anything is written), and the teardown; its
-:class:`RunContext` prints and saves the resolved config, sets seeds/determinism/TF32, and compiles and DDP-wraps the
-model.
+:func:`training_run` is what every training entry point wraps its work in: distributed init, the debugger, the
+resume point resolved once (:func:`resolve_start`, which refuses a run that would overwrite checkpoints before
+anything is written), and the teardown; its :class:`RunContext` prints and saves the resolved config, sets
+seeds/determinism/TF32 and the precision (:meth:`RunContext.start`), and compiles and DDP-wraps the model.
 
 ``train.compile: auto`` (the default) compiles on CUDA, where fusing the many small elementwise kernels of a step and
 removing Python overhead pays for the compile time many times over, and stays eager everywhere a person is looking:
@@ -16,12 +18,16 @@ it either way; a ``--train.compile`` flag beats the ``--debug`` profile like any
 from __future__ import annotations
 
 import contextlib
+import os
+import random
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -30,7 +36,7 @@ from .debug import debugger_attached, start_debugger
 from .train import checkpoint as ckpt
 from .train.distributed import DistInfo, get_rank, init_distributed, notice, teardown, wrap_ddp
 from .train.logger import require_logger
-from .train.loop import setup_runtime
+from .train.loop import RunSetup
 
 
 @dataclass
@@ -41,13 +47,18 @@ class RunContext:
     run_dir: Path
     dbg: DebugConfig
     resume_from: Path | None  # the checkpoint this run continues from (verified), None = a fresh run
+    setup: RunSetup | None = None  # what fit() gets: filled in by start()
 
     def start(self, cfg: Any) -> None:
-        """Print the resolved config (rank 0), then seeds, determinism and TF32: call before building the model."""
+        """Print the resolved config (rank 0), then seeds, determinism, TF32 and the precision: call before building
+        the model."""
         require_logger(cfg.train.logger)  # a missing wandb fails here, before the data and the model
         if self.info.is_main:
             print(config_to_yaml(cfg), end="", flush=True)
         setup_runtime(cfg.train, self.info.device)
+        dtype = resolve_precision(self.info.device, cfg.train.precision)
+        autocast = autocast_context(self.info.device, dtype)
+        self.setup = RunSetup(self.resume_from, autocast, dtype, self.dbg.break_on_nonfinite)
 
     def save_config(self, cfg: Any) -> None:
         """``run_dir/config.yaml`` (rank 0): ``--config`` on it reproduces the run."""
@@ -74,6 +85,93 @@ def training_run(cfg: Any, dbg: DebugConfig) -> Iterator[RunContext]:
         yield RunContext(info, run_dir, dbg, resolve_start(run_dir, cfg.train))
     finally:
         teardown()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup_runtime(cfg: TrainConfig, device: torch.device) -> None:
+    """Seeds, determinism and matmul precision; call once before the model is built (its init draws random numbers).
+
+    Every rank uses the same seed so that models start identical; data sources are seeded per rank by the caller.
+    """
+    seed_everything(cfg.seed)
+    if cfg.deterministic:
+        # cuBLAS needs a fixed workspace to be reproducible; must be set before the first CUDA matmul.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # warn_only: an op without a deterministic kernel warns (naming itself) instead of ending the run.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    if device.type == "cuda":
+        # "high" lets fp32 matmuls use TF32 tensor cores (Ampere+): ~8x the fp32 rate at ~1e-3 relative precision.
+        torch.set_float32_matmul_precision("high" if cfg.tf32 else "highest")
+
+
+def _read_cpu_flags() -> set[str]:
+    """CPU feature flags from /proc/cpuinfo (Linux x86 'flags', arm64 'Features'); empty elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    return flags
+
+
+def cpu_supports_bf16() -> bool:
+    """Native bf16 arithmetic on this CPU (x86 AVX512-BF16 / AMX-BF16, Arm BF16), where autocast pays off.
+
+    Without it bf16 is emulated through fp32 conversions and is *slower* than plain fp32.
+    """
+    flags = _read_cpu_flags()
+    if flags & {"avx512_bf16", "amx_bf16", "bf16"}:
+        return True
+    if sys.platform == "darwin":  # Apple silicon M2 and later report FEAT_BF16
+        try:
+            out = subprocess.run(
+                ["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True, timeout=5
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return out.strip() == "1"
+    return False
+
+
+def resolve_precision(device: torch.device, precision: str) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device``: ``torch.bfloat16`` or ``None`` (plain fp32).
+
+    ``auto`` and ``bf16`` use bf16 autocast where the hardware has native bf16 (CUDA with ``is_bf16_supported``,
+    CPUs with AVX512-BF16/AMX/Arm BF16) and fall back to fp32 with a one-line notice otherwise. fp16 is not
+    offered: it needs loss scaling, and every GPU with bf16 is better served by it.
+    """
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        notice(f"notice: {torch.cuda.get_device_name(device)} has no bf16 support: training in fp32 (TF32 if allowed)")
+        return None
+    if device.type == "cpu":
+        if cpu_supports_bf16():
+            return torch.bfloat16
+        notice("notice: this CPU has no native bf16 (AVX512-BF16/AMX/Arm BF16): training in fp32")
+        return None
+    notice(f"notice: bf16 autocast is not used on {device.type}: training in fp32")
+    return None
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """A reusable context manager for every forward pass: bf16 autocast, or a no-op for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def compile_decision(setting: bool | str, device: torch.device, dbg: DebugConfig) -> tuple[bool, str]:

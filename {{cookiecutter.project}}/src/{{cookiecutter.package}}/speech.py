@@ -132,8 +132,7 @@ def run(cfg: SpeechConfig, dbg: DebugConfig | None = None) -> dict:
             ),
             extra_state={"labels": data.labels},
             config=cfg,
-            break_on_nonfinite=dbg.break_on_nonfinite,
-            resume_from=run.resume_from,
+            setup=run.setup,
             flops_per_token=flops,
             throughput_unit="ex",
         )

@@ -123,7 +123,7 @@ def finish(cfg: VisionConfig, run_dir: Path, model: nn.Module, splits: images.Sp
     return result
 
 
-def train(cfg: VisionConfig, dbg: DebugConfig, run: RunContext, splits: images.Splits) -> tuple[nn.Module, list[dict]]:
+def train(cfg: VisionConfig, run: RunContext, splits: images.Splits) -> tuple[nn.Module, list[dict]]:
     """Build, wrap and fit the model: (the model as it trained, fit()'s per-step history)."""
     info, names = run.info, splits.train.names
     model = build_model(cfg, splits).to(info.device)
@@ -163,8 +163,7 @@ def train(cfg: VisionConfig, dbg: DebugConfig, run: RunContext, splits: images.S
         evaluate=evaluate,
         extra_state={"labels": names},
         config=cfg,
-        break_on_nonfinite=dbg.break_on_nonfinite,
-        resume_from=run.resume_from,
+        setup=run.setup,
         flops_per_token=flops_per_example(unwrap(model), splits.train.images.shape[-2:]),  # MFU, per image
         throughput_unit="ex",
     )
@@ -182,7 +181,7 @@ def run(cfg: VisionConfig, dbg: DebugConfig | None = None) -> dict:
         splits = load_splits(cfg)  # data errors before anything is written
         check_resume_labels(ctx.resume_from, splits.train.names)  # a resumed head must have the same classes
         ctx.start(cfg)
-        model, history = train(cfg, dbg, ctx, splits)
+        model, history = train(cfg, ctx, splits)
         result: dict[str, Any] = {}
         if ctx.info.is_main:
             result = finish(cfg, ctx.run_dir, model, splits, history)

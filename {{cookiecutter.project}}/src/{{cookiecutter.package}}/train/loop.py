@@ -6,25 +6,21 @@ checkpoint) it reads the steps' numbers from the device in one go (:class:`.logg
 (:class:`.logger.RunLogger`: a line, TensorBoard, ``metrics.jsonl``) and stops on a non-finite step; then, when due,
 it evaluates and samples (:func:`run_eval`) and checkpoints (:func:`save_state`). Resume set-up is :func:`restore`.
 Everything else (building the model, the data, the evaluation and sampling functions) belongs to the entry point,
-which passes plain functions in; there are no callbacks beyond ``evaluate``/``sample``/``save_model``.
-
-Also here: the runtime set-up every entry point calls before building its model (:func:`setup_runtime`: seeds,
-deterministic algorithms, TF32) and the precision choice (:func:`resolve_precision`, :func:`autocast_context`).
+which passes plain functions in; there are no callbacks beyond ``evaluate``/``sample``/``save_model``. What is set
+up once per process (seeds, precision, compilation, the resume point) is ``runtime.py``'s: it hands fit the
+outcome as a :class:`RunSetup`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
-import random
 import shutil
-import sys
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -62,98 +58,14 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Runtime set-up and precision
-# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class RunSetup:
+    """What ``runtime.py`` works out once per run and hands :func:`fit`; the defaults are a fresh fp32 run."""
 
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def setup_runtime(cfg: TrainConfig, device: torch.device) -> None:
-    """Seeds, determinism and matmul precision; call once before the model is built (its init draws random numbers).
-
-    Every rank uses the same seed so that models start identical; data sources are seeded per rank by the caller.
-    """
-    seed_everything(cfg.seed)
-    if cfg.deterministic:
-        # cuBLAS needs a fixed workspace to be reproducible; must be set before the first CUDA matmul.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        # warn_only: an op without a deterministic kernel warns (naming itself) instead of ending the run.
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    if device.type == "cuda":
-        # "high" lets fp32 matmuls use TF32 tensor cores (Ampere+): ~8x the fp32 rate at ~1e-3 relative precision.
-        torch.set_float32_matmul_precision("high" if cfg.tf32 else "highest")
-
-
-def _read_cpu_flags() -> set[str]:
-    """CPU feature flags from /proc/cpuinfo (Linux x86 'flags', arm64 'Features'); empty elsewhere."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return set()
-    flags: set[str] = set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):
-            flags.update(value.split())
-    return flags
-
-
-def cpu_supports_bf16() -> bool:
-    """Native bf16 arithmetic on this CPU (x86 AVX512-BF16 / AMX-BF16, Arm BF16), where autocast pays off.
-
-    Without it bf16 is emulated through fp32 conversions and is *slower* than plain fp32.
-    """
-    flags = _read_cpu_flags()
-    if flags & {"avx512_bf16", "amx_bf16", "bf16"}:
-        return True
-    if sys.platform == "darwin":  # Apple silicon M2 and later report FEAT_BF16
-        import subprocess
-
-        try:
-            out = subprocess.run(
-                ["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True, timeout=5
-            ).stdout
-        except (OSError, subprocess.SubprocessError):
-            return False
-        return out.strip() == "1"
-    return False
-
-
-def resolve_precision(device: torch.device, precision: str) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device``: ``torch.bfloat16`` or ``None`` (plain fp32).
-
-    ``auto`` and ``bf16`` use bf16 autocast where the hardware has native bf16 (CUDA with ``is_bf16_supported``,
-    CPUs with AVX512-BF16/AMX/Arm BF16) and fall back to fp32 with a one-line notice otherwise. fp16 is not
-    offered: it needs loss scaling, and every GPU with bf16 is better served by it.
-    """
-    if precision == "fp32":
-        return None
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        notice(f"notice: {torch.cuda.get_device_name(device)} has no bf16 support: training in fp32 (TF32 if allowed)")
-        return None
-    if device.type == "cpu":
-        if cpu_supports_bf16():
-            return torch.bfloat16
-        notice("notice: this CPU has no native bf16 (AVX512-BF16/AMX/Arm BF16): training in fp32")
-        return None
-    notice(f"notice: bf16 autocast is not used on {device.type}: training in fp32")
-    return None
-
-
-def autocast_context(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """A reusable context manager for every forward pass: bf16 autocast, or a no-op for fp32."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    resume_from: Path | None = None  # the checkpoint to continue from, verified (runtime.resolve_start); None = fresh
+    autocast: contextlib.AbstractContextManager = field(default_factory=contextlib.nullcontext)  # around each forward
+    dtype: torch.dtype | None = None  # the autocast dtype (None = fp32), which sets the peak FLOPS of the MFU
+    break_on_nonfinite: bool = False  # NonFiniteGuard hooks name the first module with a NaN/Inf output or gradient
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -331,13 +243,12 @@ def fit(
     run_dir: str | Path,
     *,
     optim: OptimConfig | None = None,
+    setup: RunSetup | None = None,
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     sample: Callable[[nn.Module], str | list[str]] | None = None,
-    resume_from: Path | None = None,
     extra_state: dict | Callable[[], dict] | None = None,
     save_model: Callable[[nn.Module, Path], None] | None = None,
     config: Any = None,
-    break_on_nonfinite: bool = False,
     flops_per_token: float | None = None,
     progress: bool = True,
     throughput_unit: str = "tok",
@@ -349,23 +260,21 @@ def fit(
             forward must return ``.loss`` (our LlamaLM, transformers and peft models all do). For a peft model only
             the trainable parameters are optimized and checkpointed.
         train_source: :class:`BatchSource` of training batches (CPU tensors are moved to the model's device).
-        cfg: steps, batch accumulation, clipping, logging/eval/save intervals, precision, resume.
+        cfg: steps, batch accumulation, clipping, logging/eval/save intervals.
         run_dir: everything is written here: ``checkpoints/``, ``tb/`` (TensorBoard), ``metrics.jsonl``.
         optim: AdamW + warmup/cosine settings (:class:`OptimConfig` defaults when omitted).
+        setup: the resume point, autocast and debug hooks ``runtime.py`` set up (:class:`RunSetup`). Without a
+            resume point the run is fresh: it clears ``tb/`` and ``metrics.jsonl`` of ``run_dir`` (and
+            ``checkpoints/`` with ``cfg.overwrite``).
         evaluate: ``evaluate(model) -> {"loss": ..., "perplexity": ..., ...}``, called every ``cfg.eval_every``
             steps and at the end, with the unwrapped model in eval mode under ``no_grad`` and autocast, on every
             rank (the numbers are averaged over ranks). Logged as ``eval/<key>``; see :func:`evaluate_loss`.
         sample: ``sample(model) -> text or texts``, called with ``evaluate`` on rank 0 only (same modes); printed and
             logged to TensorBoard as text.
-        resume_from: the checkpoint to continue from, resolved (and verified) once before fit by
-            ``runtime.resolve_start``; ``None`` = a fresh run, which clears ``tb/`` and ``metrics.jsonl`` of
-            ``run_dir`` (and ``checkpoints/`` with ``cfg.overwrite``).
         extra_state: plain data (or a function returning it) stored with every checkpoint as ``extra``.
         save_model: ``save_model(unwrapped_model, checkpoint_dir)`` adds files to each checkpoint before it is
             published atomically (e.g. a peft adapter: ``model.save_pretrained(checkpoint_dir / "adapter")``).
         config: the run's full config (dataclass or dict), stored in each checkpoint.
-        break_on_nonfinite: install :class:`..debug.NonFiniteGuard` hooks (the first NaN/Inf activation,
-            loss or gradient is reported with its module; a debugger stops there).
         flops_per_token: training FLOPs per token for MFU; default from ``model.flops_per_token`` or 6N for batches
             with ``input_ids``. Batches without them (images, audio) count examples: pass FLOPs per example for MFU,
             or nothing (no MFU).
@@ -379,14 +288,12 @@ def fit(
     """
     from ..debug import NonFiniteGuard
 
-    optim, run_dir, raw = optim or OptimConfig(), Path(run_dir), unwrap(model)
+    optim, setup, run_dir, raw = optim or OptimConfig(), setup or RunSetup(), Path(run_dir), unwrap(model)
     device = next(raw.parameters()).device
     optimizer = build_optimizer(raw, optim)
     scheduler = build_scheduler(optimizer, optim, cfg.max_steps)
-    start_step = restore(resume_from, run_dir, cfg, raw, optimizer, scheduler, train_source)
-    dtype = resolve_precision(device, cfg.precision)
-    autocast = autocast_context(device, dtype)
-    steps = StepLog(flops_per_token, peak_flops(device, dtype, cfg.peak_tflops)[0] * get_world_size())
+    start_step = restore(setup.resume_from, run_dir, cfg, raw, optimizer, scheduler, train_source)
+    steps = StepLog(flops_per_token, peak_flops(device, setup.dtype, cfg.peak_tflops)[0] * get_world_size())
     config_dict = config_to_dict(config) if config is not None else None
     logger = RunLogger(
         run_dir, cfg, start_step, main=get_rank() == 0, progress=progress, config=config_dict, unit=throughput_unit
@@ -400,7 +307,7 @@ def fit(
         notice(f"already at step {start_step} of train.max_steps={cfg.max_steps}: nothing to train")
     history: list[dict] = []
     try:
-        with NonFiniteGuard(raw, enabled=break_on_nonfinite) as guard, anomaly:
+        with NonFiniteGuard(raw, enabled=setup.break_on_nonfinite) as guard, anomaly:
             for step in range(start_step + 1, cfg.max_steps + 1):  # 1-based: step-000001 = after one update
                 guard.step, last = step, step == cfg.max_steps
                 batches = [to_device(train_source.next_batch(), device) for _ in range(cfg.grad_accum)]
@@ -412,7 +319,7 @@ def fit(
                     optimizer,
                     scheduler,
                     grad_clip=cfg.grad_clip,
-                    autocast=autocast,
+                    autocast=setup.autocast,
                     step=step,
                     check_loss=guard.check_loss,
                     on_gradients=health.capture_gradients if health.due(step, last) else None,
@@ -430,7 +337,7 @@ def fit(
                 if steps.failed is None and health.pending:
                     logger.grad_health(*health.read())
                 if steps.failed is None and eval_due:
-                    evals, texts = run_eval(raw, autocast, evaluate, sample)
+                    evals, texts = run_eval(raw, setup.autocast, evaluate, sample)
                     records[-1].update(evals)
                     logger.eval_lines(step, records[-1], texts)
                 logger.append_metrics(records)
