@@ -20,7 +20,7 @@ from {{ cookiecutter.package }}.config import ConfigError, FinetuneConfig, Optim
 from {{ cookiecutter.package }}.data.corpus import EvalWindows, TokenWindows
 from {{ cookiecutter.package }}.model.lm import LlamaLM
 from {{ cookiecutter.package }}.runtime import check_resume_labels, resolve_start
-from {{ cookiecutter.package }}.train.loop import RunSetup, evaluate_loss, fit
+from {{ cookiecutter.package }}.train.loop import Job, RunSetup, evaluate_loss, fit
 
 
 class StopAfter:
@@ -65,9 +65,8 @@ def _fit(run_dir, model_cfg, cfg, tokens, *, stop_after=None, seed=0):
         cfg,
         run_dir,
         optim=OptimConfig(lr=3e-3, warmup_steps=2),
-        evaluate=lambda m: evaluate_loss(m, val, torch.device("cpu")),
         setup=RunSetup(resume_from=resume_from),
-        progress=False,
+        job=Job(evaluate=lambda m: evaluate_loss(m, val, torch.device("cpu"))),
     )
 
 

@@ -50,7 +50,7 @@ from .model.transformer import ClassifierOutput
 from .runtime import check_resume_labels, training_run
 from .train.distributed import barrier, resolve_device, unwrap, wrap_ddp
 from .train.logger import history_result, report_final
-from .train.loop import evaluate_classifier, fit, to_device
+from .train.loop import Job, evaluate_classifier, fit, to_device
 
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "hf"
@@ -323,12 +323,14 @@ def run(cfg: FinetuneConfig, dbg: DebugConfig | None = None) -> dict:
             cfg.train,
             run_dir,
             optim=cfg.optim,
-            evaluate=evaluate if data.val else None,
-            sample=make_sft_sampler(tokenizer, cfg, info.device) if cfg.task == "sft" else None,
-            extra_state={"labels": labels, "task": cfg.task, "base_model": base},
-            save_model=lambda m, d: peft_model_of(m).save_pretrained(str(d / ADAPTER_DIR)),
-            config=cfg,
             setup=run.setup,
+            job=Job(
+                evaluate=evaluate if data.val else None,
+                sample=make_sft_sampler(tokenizer, cfg, info.device) if cfg.task == "sft" else None,
+                config=cfg,
+                extra_state={"labels": labels, "task": cfg.task, "base_model": base},
+                save_model=lambda m, d: peft_model_of(m).save_pretrained(str(d / ADAPTER_DIR)),
+            ),
         )
 
         result: dict[str, Any] = {}

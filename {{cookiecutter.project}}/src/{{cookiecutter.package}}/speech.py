@@ -38,7 +38,7 @@ from .metrics import scalar_metrics
 from .runtime import check_resume_labels, training_run
 from .train.distributed import barrier, unwrap
 from .train.logger import history_result, report_final
-from .train.loop import evaluate_classifier, fit
+from .train.loop import Job, evaluate_classifier, fit
 
 
 def read_data(cfg: SpeechConfig) -> SpeechData:
@@ -127,14 +127,16 @@ def run(cfg: SpeechConfig, dbg: DebugConfig | None = None) -> dict:
             cfg.train,
             run_dir,
             optim=cfg.optim,
-            evaluate=lambda m: scalar_metrics(
-                evaluate(m, data.val, cfg, data.labels, info.device, cfg.train.eval_batches)
-            ),
-            extra_state={"labels": data.labels},
-            config=cfg,
             setup=run.setup,
-            flops_per_token=flops,
-            throughput_unit="ex",
+            job=Job(
+                evaluate=lambda m: scalar_metrics(
+                    evaluate(m, data.val, cfg, data.labels, info.device, cfg.train.eval_batches)
+                ),
+                config=cfg,
+                extra_state={"labels": data.labels},
+                flops_per_item=flops,
+                unit="ex",
+            ),
         )
         result: dict[str, Any] = {}
         if info.is_main:

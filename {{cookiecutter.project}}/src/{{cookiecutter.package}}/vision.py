@@ -39,7 +39,7 @@ from .metrics import scalar_metrics
 from .runtime import RunContext, check_resume_labels, training_run
 from .train.distributed import barrier, resolve_device, unwrap
 from .train.logger import history_result, report_final
-from .train.loop import evaluate_classifier, fit
+from .train.loop import Job, evaluate_classifier, fit
 
 MODEL_FILE = "model.safetensors"
 MERGED_DIR = "hf"
@@ -160,12 +160,14 @@ def train(cfg: VisionConfig, run: RunContext, splits: images.Splits) -> tuple[nn
         cfg.train,
         run.run_dir,
         optim=cfg.optim,
-        evaluate=evaluate,
-        extra_state={"labels": names},
-        config=cfg,
         setup=run.setup,
-        flops_per_token=flops_per_example(unwrap(model), splits.train.images.shape[-2:]),  # MFU, per image
-        throughput_unit="ex",
+        job=Job(
+            evaluate=evaluate,
+            config=cfg,
+            extra_state={"labels": names},
+            flops_per_item=flops_per_example(unwrap(model), splits.train.images.shape[-2:]),  # MFU, per image
+            unit="ex",
+        ),
     )
     return model, history
 

@@ -1,14 +1,14 @@
-"""fit(): the one training loop, shared by pre-training and fine-tuning.
+"""fit(): the one training loop, shared by every training entry point.
 
-What it does, in order, every step: draw ``grad_accum`` micro-batches from a :class:`BatchSource`, call
-:func:`.step.train_step` and advance the progress bar. Every ``log_every`` steps (and before an evaluation or a
-checkpoint) it reads the steps' numbers from the device in one go (:class:`.logger.StepLog`), logs them
-(:class:`.logger.RunLogger`: a line, TensorBoard, ``metrics.jsonl``) and stops on a non-finite step; then, when due,
-it evaluates and samples (:func:`run_eval`) and checkpoints (:func:`save_state`). Resume set-up is :func:`restore`.
-Everything else (building the model, the data, the evaluation and sampling functions) belongs to the entry point,
-which passes plain functions in; there are no callbacks beyond ``evaluate``/``sample``/``save_model``. What is set
-up once per process (seeds, precision, compilation, the resume point) is ``runtime.py``'s: it hands fit the
-outcome as a :class:`RunSetup`.
+Every step it draws ``grad_accum`` micro-batches from a :class:`BatchSource` and calls :func:`.step.train_step`; the
+numbers stay on the device. Then plain "if due" blocks: every ``log_every`` steps (and before an evaluation or a
+checkpoint) it reads the steps' numbers in one go (:class:`.logger.StepLog`) and logs them (:class:`.logger.RunLogger`:
+a line, TensorBoard, ``metrics.jsonl``), stopping at a non-finite step; when due, it evaluates and samples
+(:func:`run_eval`) and checkpoints (:func:`save_state`). Resuming is :func:`restore`.
+
+The entry point builds the model and the data and passes plain functions in (:class:`Job`: ``evaluate``, ``sample``,
+``save_model``); what a job sets up once (seeds, precision, compilation, the resume point) is ``runtime.py``'s, which
+hands fit the outcome (:class:`RunSetup`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import OptimConfig, TrainConfig, config_to_dict
+from ..debug import NonFiniteGuard
 from ..metrics import classification_metrics
 from . import checkpoint as ckpt
 from .distributed import (
@@ -44,7 +45,7 @@ from .state import rng_state
 from .step import NonFiniteLossError, train_step
 
 # --------------------------------------------------------------------------------------------------------------------
-# The data interface fit() consumes
+# What fit() takes: the data, the run's set-up, the entry point's additions
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -66,6 +67,27 @@ class RunSetup:
     autocast: contextlib.AbstractContextManager = field(default_factory=contextlib.nullcontext)  # around each forward
     dtype: torch.dtype | None = None  # the autocast dtype (None = fp32), which sets the peak FLOPS of the MFU
     break_on_nonfinite: bool = False  # NonFiniteGuard hooks name the first module with a NaN/Inf output or gradient
+
+
+@dataclass
+class Job:
+    """What an entry point adds to the plain loop: its evaluation and samples, what each checkpoint stores besides
+    the training state, and what throughput counts. Every field is optional."""
+
+    # evaluate(model) -> {"loss": ..., ...}: every cfg.eval_every steps and at the end, on every rank (averaged), with
+    # the unwrapped model in eval mode under no_grad and autocast; logged as eval/<key> (see evaluate_loss)
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
+    sample: Callable[[nn.Module], str | list[str]] | None = None  # with evaluate, rank 0: text(s) printed and logged
+    config: Any = None  # the run's full config (dataclass or dict): stored in every checkpoint, sent to W&B
+    extra_state: dict | Callable[[], dict] | None = None  # plain data (or a function of none) kept as "extra"
+    save_model: Callable[[nn.Module, Path], None] | None = None  # (model, dir): more files, e.g. a peft adapter
+    # training FLOPs per counted item for MFU; for language batches our LlamaLM's own count, or 6N, when omitted
+    flops_per_item: float | None = None
+    unit: str = "tok"  # what throughput counts: tokens, or "ex" for examples (images, audio)
+
+    @property
+    def evaluates(self) -> bool:
+        return self.evaluate is not None or self.sample is not None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -128,11 +150,14 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """Our LlamaLM knows its FLOPs; otherwise 6 x trainable + 4 x frozen parameters (frozen weights need the forward
-    and the input-gradient matmuls, but no weight gradient)."""
+def _flops_per_token(model: nn.Module, batch: dict[str, Tensor]) -> float | None:
+    """Training FLOPs per token of a language batch, for MFU (None for other batches: they count examples). Our
+    LlamaLM knows its own; otherwise 6 x trainable + 4 x frozen parameters (frozen weights need the forward and the
+    input-gradient matmuls, but no weight gradient)."""
+    if "input_ids" not in batch:
+        return None
     if hasattr(model, "flops_per_token"):
-        return float(model.flops_per_token(seq_len))
+        return float(model.flops_per_token(batch["input_ids"].shape[-1]))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     return 6.0 * trainable + 4.0 * frozen
@@ -173,22 +198,15 @@ def restore(
         data = data[rank % len(data)]
     if data is not None:
         source.load_state_dict(data)
-    notice(f"resumed from {resume_from} at step {int(state['step'])}")
-    return int(state["step"])
+    step = int(state["step"])
+    notice(f"resumed from {resume_from} at step {step}")
+    if step >= cfg.max_steps:
+        notice(f"already at step {step} of train.max_steps={cfg.max_steps}: nothing to train")
+    return step
 
 
 def save_state(
-    ckpt_root: Path,
-    step: int,
-    model: nn.Module,
-    optimizer,
-    scheduler,
-    source: BatchSource,
-    cfg: TrainConfig,
-    *,
-    config: dict | None = None,
-    extra_state: dict | Callable[[], dict] | None = None,
-    save_model: Callable[[nn.Module, Path], None] | None = None,
+    run_dir: Path, step: int, model: nn.Module, optimizer, scheduler, source: BatchSource, cfg: TrainConfig, job: Job
 ) -> Path | None:
     """Checkpoint after ``step``: every rank contributes its data position and RNG state, rank 0 writes (atomically,
     refusing non-finite weights) and returns the path; the others return None."""
@@ -199,16 +217,16 @@ def save_state(
         if not _params_finite(model):
             raise NonFiniteLossError(f"weights are non-finite after step {step}: checkpoint not written")
         path = ckpt.save_checkpoint(
-            ckpt_root,
+            run_dir / "checkpoints",
             step,
             model,
             optimizer,
             scheduler,
             data_state=[r["data"] for r in per_rank] if world > 1 else per_rank[0]["data"],
             rng=[r["rng"] for r in per_rank] if world > 1 else per_rank[0]["rng"],
-            config=config,
-            extra=extra_state() if callable(extra_state) else extra_state,
-            save_model=save_model,
+            config=config_to_dict(job.config),
+            extra=job.extra_state() if callable(job.extra_state) else job.extra_state,
+            save_model=job.save_model,
             keep=cfg.keep_checkpoints,
         )
         notice(f"checkpoint {path}")
@@ -244,109 +262,68 @@ def fit(
     *,
     optim: OptimConfig | None = None,
     setup: RunSetup | None = None,
-    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
-    sample: Callable[[nn.Module], str | list[str]] | None = None,
-    extra_state: dict | Callable[[], dict] | None = None,
-    save_model: Callable[[nn.Module, Path], None] | None = None,
-    config: Any = None,
-    flops_per_token: float | None = None,
-    progress: bool = True,
-    throughput_unit: str = "tok",
+    job: Job | None = None,
 ) -> list[dict]:
     """Train ``model`` for ``cfg.max_steps`` optimizer steps; return one metrics dict per step taken.
 
-    Args:
-        model: on its device already; may be wrapped in DDP (:func:`.distributed.wrap_ddp`) and/or compiled. Its
-            forward must return ``.loss`` (our LlamaLM, transformers and peft models all do). For a peft model only
-            the trainable parameters are optimized and checkpointed.
-        train_source: :class:`BatchSource` of training batches (CPU tensors are moved to the model's device).
-        cfg: steps, batch accumulation, clipping, logging/eval/save intervals.
-        run_dir: everything is written here: ``checkpoints/``, ``tb/`` (TensorBoard), ``metrics.jsonl``.
-        optim: AdamW + warmup/cosine settings (:class:`OptimConfig` defaults when omitted).
-        setup: the resume point, autocast and debug hooks ``runtime.py`` set up (:class:`RunSetup`). Without a
-            resume point the run is fresh: it clears ``tb/`` and ``metrics.jsonl`` of ``run_dir`` (and
-            ``checkpoints/`` with ``cfg.overwrite``).
-        evaluate: ``evaluate(model) -> {"loss": ..., "perplexity": ..., ...}``, called every ``cfg.eval_every``
-            steps and at the end, with the unwrapped model in eval mode under ``no_grad`` and autocast, on every
-            rank (the numbers are averaged over ranks). Logged as ``eval/<key>``; see :func:`evaluate_loss`.
-        sample: ``sample(model) -> text or texts``, called with ``evaluate`` on rank 0 only (same modes); printed and
-            logged to TensorBoard as text.
-        extra_state: plain data (or a function returning it) stored with every checkpoint as ``extra``.
-        save_model: ``save_model(unwrapped_model, checkpoint_dir)`` adds files to each checkpoint before it is
-            published atomically (e.g. a peft adapter: ``model.save_pretrained(checkpoint_dir / "adapter")``).
-        config: the run's full config (dataclass or dict), stored in each checkpoint.
-        flops_per_token: training FLOPs per token for MFU; default from ``model.flops_per_token`` or 6N for batches
-            with ``input_ids``. Batches without them (images, audio) count examples: pass FLOPs per example for MFU,
-            or nothing (no MFU).
-        progress: show the tqdm bar (rank 0 only).
-        throughput_unit: what the throughput counts, for the log line and the bar (``tok``; ``ex`` for examples).
-
-    Raises:
-        NonFiniteLossError / ``debug.NonFiniteError``: a NaN/Inf loss or gradient. Its update was skipped on the
-            device (see :func:`.step.train_step`); the error comes at the next read (log, eval or checkpoint step),
-            before any checkpoint is written, so the latest checkpoint stays a good one.
+    ``model`` is on its device, maybe DDP-wrapped and/or compiled, and returns ``.loss``; only trainable parameters
+    are optimized and checkpointed, into ``run_dir`` (with ``tb/`` and ``metrics.jsonl``). ``setup``: what runtime.py
+    set up (:class:`RunSetup`; default a fresh fp32 run), ``job``: the entry point's additions (:class:`Job`). A
+    NaN/Inf loss or gradient skips its update and raises at the next read of the device, before any checkpoint.
     """
-    from ..debug import NonFiniteGuard
-
-    optim, setup, run_dir, raw = optim or OptimConfig(), setup or RunSetup(), Path(run_dir), unwrap(model)
+    optim, setup, job = optim or OptimConfig(), setup or RunSetup(), job or Job()
+    run_dir, raw = Path(run_dir), unwrap(model)
     device = next(raw.parameters()).device
     optimizer = build_optimizer(raw, optim)
     scheduler = build_scheduler(optimizer, optim, cfg.max_steps)
-    start_step = restore(setup.resume_from, run_dir, cfg, raw, optimizer, scheduler, train_source)
-    steps = StepLog(flops_per_token, peak_flops(device, setup.dtype, cfg.peak_tflops)[0] * get_world_size())
-    config_dict = config_to_dict(config) if config is not None else None
+    start = restore(setup.resume_from, run_dir, cfg, raw, optimizer, scheduler, train_source)
+    steps = StepLog(job.flops_per_item, peak_flops(device, setup.dtype, cfg.peak_tflops)[0] * get_world_size())
     logger = RunLogger(
-        run_dir, cfg, start_step, main=get_rank() == 0, progress=progress, config=config_dict, unit=throughput_unit
+        run_dir, cfg, start, main=get_rank() == 0, progress=True, config=config_to_dict(job.config), unit=job.unit
     )
     health = GradHealth(raw, cfg.log_every if cfg.grad_stats_every is None else cfg.grad_stats_every)
-    ckpt_root, checkpoint_kwargs = run_dir / "checkpoints", {"extra_state": extra_state, "save_model": save_model}
-    checkpoint_kwargs["config"] = config_dict
     compiling = is_compiled(model)  # its first step compiles the model: logged as such, not as throughput
     anomaly = torch.autograd.detect_anomaly(check_nan=True) if cfg.detect_anomaly else contextlib.nullcontext()
-    if start_step >= cfg.max_steps:
-        notice(f"already at step {start_step} of train.max_steps={cfg.max_steps}: nothing to train")
     history: list[dict] = []
-    try:
-        with NonFiniteGuard(raw, enabled=setup.break_on_nonfinite) as guard, anomaly:
-            for step in range(start_step + 1, cfg.max_steps + 1):  # 1-based: step-000001 = after one update
-                guard.step, last = step, step == cfg.max_steps
-                batches = [to_device(train_source.next_batch(), device) for _ in range(cfg.grad_accum)]
-                if steps.fpt is None and "input_ids" in batches[0]:
-                    steps.fpt = _flops_per_token(raw, batches[0]["input_ids"].shape[-1])
-                result = train_step(
-                    model,
-                    batches,
-                    optimizer,
-                    scheduler,
-                    grad_clip=cfg.grad_clip,
-                    autocast=setup.autocast,
-                    step=step,
-                    check_loss=guard.check_loss,
-                    on_gradients=health.capture_gradients if health.due(step, last) else None,
-                )
-                health.capture_update(step)  # a no-op unless this step's gradients were captured
-                steps.add(step, result)
-                logger.advance()
-                log_due, save_due = _due(step, cfg.log_every, last), _due(step, cfg.save_every, last)
-                eval_due = (evaluate is not None or sample is not None) and _due(step, cfg.eval_every, last)
-                if not (compiling or log_due or eval_due or save_due or health.pending):
-                    continue  # nothing to show yet: the device keeps running ahead
-                records = steps.read(compiling=compiling)
-                if steps.failed is None and (log_due or compiling):
-                    logger.train_line(records[-1])
-                if steps.failed is None and health.pending:
-                    logger.grad_health(*health.read())
-                if steps.failed is None and eval_due:
-                    evals, texts = run_eval(raw, setup.autocast, evaluate, sample)
-                    records[-1].update(evals)
-                    logger.eval_lines(step, records[-1], texts)
-                logger.append_metrics(records)
-                history.extend(records)
-                steps.raise_if_failed()  # before any checkpoint: the skipped step ends the run
-                if save_due:
-                    save_state(ckpt_root, step, raw, optimizer, scheduler, train_source, cfg, **checkpoint_kwargs)
-                compiling = False
-                steps.restart()  # evaluation and checkpoint time is not training time
-    finally:
-        logger.close()
+    with contextlib.closing(logger), NonFiniteGuard(raw, enabled=setup.break_on_nonfinite) as guard, anomaly:
+        for step in range(start + 1, cfg.max_steps + 1):  # 1-based: step-000001 = after one update
+            guard.step, last = step, step == cfg.max_steps
+            batches = [to_device(train_source.next_batch(), device) for _ in range(cfg.grad_accum)]
+            steps.fpt = steps.fpt or _flops_per_token(raw, batches[0])
+            result = train_step(
+                model,
+                batches,
+                optimizer,
+                scheduler,
+                grad_clip=cfg.grad_clip,
+                autocast=setup.autocast,
+                step=step,
+                check_loss=guard.check_loss,
+                on_gradients=health.capture_gradients if health.due(step, last) else None,
+            )
+            health.capture_update(step)  # a no-op unless this step's gradients were captured
+            steps.add(step, result)
+            logger.advance()
+            log_due = compiling or _due(step, cfg.log_every, last)
+            eval_due = job.evaluates and _due(step, cfg.eval_every, last)
+            save_due = _due(step, cfg.save_every, last)
+            if not (log_due or eval_due or save_due or health.pending):
+                continue  # nothing to show yet: the device keeps running ahead
+            records = steps.read(compiling=compiling)  # up to a skipped (non-finite) step, if any
+            finite = steps.failed is None
+            if finite and log_due:
+                logger.train_line(records[-1])
+            if finite and health.pending:
+                logger.grad_health(*health.read())
+            if finite and eval_due:
+                evals, texts = run_eval(raw, setup.autocast, job.evaluate, job.sample)
+                records[-1].update(evals)
+                logger.eval_lines(step, records[-1], texts)
+            logger.append_metrics(records)
+            history.extend(records)
+            steps.raise_if_failed()  # before any checkpoint: the skipped step ends the run
+            if save_due:
+                save_state(run_dir, step, raw, optimizer, scheduler, train_source, cfg, job)
+            compiling = False
+            steps.restart()  # evaluation and checkpoint time is not training time
     return history
