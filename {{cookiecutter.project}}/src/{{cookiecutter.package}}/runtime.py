@@ -23,7 +23,7 @@ import random
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +46,12 @@ class RunContext:
     info: DistInfo
     run_dir: Path
     dbg: DebugConfig
-    resume_from: Path | None  # the checkpoint this run continues from (verified), None = a fresh run
-    setup: RunSetup | None = None  # what fit() gets: filled in by start()
+    setup: RunSetup  # what fit() gets: the resume point from the start, the precision once start() has run
+
+    @property
+    def resume_from(self) -> Path | None:
+        """The checkpoint this run continues from (verified), None for a fresh run."""
+        return self.setup.resume_from
 
     def start(self, cfg: Any) -> None:
         """Print the resolved config (rank 0), then seeds, determinism, TF32 and the precision: call before building
@@ -57,8 +61,7 @@ class RunContext:
             print(config_to_yaml(cfg), end="", flush=True)
         setup_runtime(cfg.train, self.info.device)
         dtype = resolve_precision(self.info.device, cfg.train.precision)
-        autocast = autocast_context(self.info.device, dtype)
-        self.setup = RunSetup(self.resume_from, autocast, dtype, self.dbg.break_on_nonfinite)
+        self.setup = replace(self.setup, autocast=autocast_context(self.info.device, dtype), dtype=dtype)
 
     def save_config(self, cfg: Any) -> None:
         """``run_dir/config.yaml`` (rank 0): ``--config`` on it reproduces the run."""
@@ -82,7 +85,8 @@ def training_run(cfg: Any, dbg: DebugConfig) -> Iterator[RunContext]:
     try:
         start_debugger(dbg, info.rank)
         run_dir = Path(cfg.out_dir) / cfg.name
-        yield RunContext(info, run_dir, dbg, resolve_start(run_dir, cfg.train))
+        setup = RunSetup(resolve_start(run_dir, cfg.train), break_on_nonfinite=dbg.break_on_nonfinite)
+        yield RunContext(info, run_dir, dbg, setup)
     finally:
         teardown()
 

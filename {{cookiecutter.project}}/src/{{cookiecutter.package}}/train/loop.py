@@ -79,7 +79,7 @@ class Job:
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None
     sample: Callable[[nn.Module], str | list[str]] | None = None  # with evaluate, rank 0: text(s) printed and logged
     config: Any = None  # the run's full config (dataclass or dict): stored in every checkpoint, sent to W&B
-    extra_state: dict | Callable[[], dict] | None = None  # plain data (or a function of none) kept as "extra"
+    extra_state: dict | Callable[[], dict] | None = None  # plain data (or a function returning it), kept as "extra"
     save_model: Callable[[nn.Module, Path], None] | None = None  # (model, dir): more files, e.g. a peft adapter
     # training FLOPs per counted item for MFU; for language batches our LlamaLM's own count, or 6N, when omitted
     flops_per_item: float | None = None
