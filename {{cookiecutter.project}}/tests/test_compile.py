@@ -71,7 +71,7 @@ def test_fit_logs_the_first_compiled_step_as_compiling(tiny_model, tiny_train_co
     cfg = dataclasses.replace(tiny_train_config, max_steps=4, log_every=2)
     source = TokenWindows(pattern_tokens, cfg.batch_size, 16, seed=0)
     compiled = torch.compile(tiny_model, backend="aot_eager")
-    history = fit(compiled, source, cfg, tmp_path / "run", progress=False)
+    history = fit(compiled, source, cfg, tmp_path / "run")
     assert "compile_s" in history[0] and "tokens_per_s" not in history[0]
     assert all("tokens_per_s" in r and "compile_s" not in r for r in history[1:])
     out = capsys.readouterr().out

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from {{ cookiecutter.package }}.data.corpus import TokenWindows
+from {{ cookiecutter.package }}.runtime import resolve_start
 from {{ cookiecutter.package }}.train.logger import GradHealth, RunLogger, StepLog
-from {{ cookiecutter.package }}.train.loop import fit
+from {{ cookiecutter.package }}.train.loop import RunSetup, fit
 from {{ cookiecutter.package }}.train.step import NonFiniteLossError, StepResult, train_step
 
 
@@ -85,7 +86,7 @@ def test_run_logger_off_rank_0_writes_nothing(tmp_path, tiny_train_config, capsy
 
 def _health_run(model, cfg, tokens, tmp_path):
     source = TokenWindows(tokens, cfg.batch_size, 16, seed=0)
-    return fit(model, source, cfg, tmp_path / "run", progress=False)
+    return fit(model, source, cfg, tmp_path / "run")
 
 
 def test_grad_health_writes_per_module_series_to_tensorboard(tiny_model, tiny_train_config, pattern_tokens, tmp_path):
@@ -203,7 +204,7 @@ def test_wandb_offline_run_logs_what_metrics_jsonl_has_and_resume_keeps_its_id(
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = dataclasses.replace(tiny_train_config, max_steps=4, log_every=2, save_every=2, logger="wandb")
     run_dir = tmp_path / "run"
-    fit(tiny_model, TokenWindows(pattern_tokens, cfg.batch_size, 16, seed=0), cfg, run_dir, progress=False)
+    fit(tiny_model, TokenWindows(pattern_tokens, cfg.batch_size, 16, seed=0), cfg, run_dir)
     (path,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
     run_id, history = _wandb_history(path)
     assert (run_dir / "wandb-run-id").read_text().strip() == run_id
@@ -218,7 +219,8 @@ def test_wandb_offline_run_logs_what_metrics_jsonl_has_and_resume_keeps_its_id(
 
     more = dataclasses.replace(cfg, max_steps=6)
     source = TokenWindows(pattern_tokens, cfg.batch_size, 16, seed=0)
-    fit(tiny_model, source, more, run_dir, resume="auto", progress=False)
+    resume_from = resolve_start(run_dir, dataclasses.replace(more, resume="auto"))
+    fit(tiny_model, source, more, run_dir, setup=RunSetup(resume_from=resume_from))
     runs = [_wandb_history(path) for path in (run_dir / "wandb").glob("offline-run-*/run-*.wandb")]
     assert len(runs) == 2 and {rid for rid, _ in runs} == {run_id}  # the resumed run continued the same W&B run
     resumed = next(rows for _, rows in runs if any(row.get("_step") == 6 for row in rows))

@@ -161,7 +161,7 @@ def test_fit_reads_the_device_only_at_logging_steps(
     # never a wait for the GPU), which this counter, blind to devices, would count.
     windows = TokenWindows(pattern_tokens, cfg.batch_size, 16, seed=0)
     source = SimpleNamespace(next_batch=iter([windows.next_batch() for _ in range(10)]).__next__, state_dict=dict)
-    history = loop.fit(tiny_model, source, cfg, tmp_path / "run", progress=False)
+    history = loop.fit(tiny_model, source, cfg, tmp_path / "run")
 
     assert len(at_call) == 20  # ten calls, counted before and after each
     assert at_call[-1] - at_call[0] == 0  # steps 1-10, and the loop between them: no read at all

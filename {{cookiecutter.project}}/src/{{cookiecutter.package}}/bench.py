@@ -50,8 +50,8 @@ from .bench_timing import (
 from .config import ModelConfig, TrainConfig
 from .model.hf import hf_config_dict, to_hf_key
 from .model.lm import LlamaLM
+from .runtime import setup_runtime
 from .train.flops import peak_flops
-from .train.loop import setup_runtime
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Shared by every subcommand: the shape, the set-up, the measurement

@@ -47,10 +47,10 @@ from .data import sft as sft_data
 from .lora import apply_lora, check_qlora, count_parameters, load_model, merge_and_save
 from .metrics import TokenLossMeter, perplexity, scalar_metrics
 from .model.transformer import ClassifierOutput
-from .runtime import training_run
+from .runtime import check_resume_labels, training_run
 from .train.distributed import barrier, resolve_device, unwrap, wrap_ddp
 from .train.logger import history_result, report_final
-from .train.loop import check_resume_labels, evaluate_classifier, fit, to_device
+from .train.loop import Job, evaluate_classifier, fit, to_device
 
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "hf"
@@ -271,7 +271,7 @@ def run(cfg: FinetuneConfig, dbg: DebugConfig | None = None) -> dict:
         base = resolve_base_model(cfg, dbg.debug)
         raw = read_sft(cfg) if cfg.task == "sft" else read_classify(cfg)  # data errors before the model loads
         labels = raw[2].labels if cfg.task == "classify" else None
-        check_resume_labels(run_dir, cfg.train, labels)
+        check_resume_labels(run.resume_from, labels)
         run.start(cfg)
 
         if base is None:
@@ -323,12 +323,14 @@ def run(cfg: FinetuneConfig, dbg: DebugConfig | None = None) -> dict:
             cfg.train,
             run_dir,
             optim=cfg.optim,
-            evaluate=evaluate if data.val else None,
-            sample=make_sft_sampler(tokenizer, cfg, info.device) if cfg.task == "sft" else None,
-            extra_state={"labels": labels, "task": cfg.task, "base_model": base},
-            save_model=lambda m, d: peft_model_of(m).save_pretrained(str(d / ADAPTER_DIR)),
-            config=cfg,
-            break_on_nonfinite=dbg.break_on_nonfinite,
+            setup=run.setup,
+            job=Job(
+                evaluate=evaluate if data.val else None,
+                sample=make_sft_sampler(tokenizer, cfg, info.device) if cfg.task == "sft" else None,
+                config=cfg,
+                extra_state={"labels": labels, "task": cfg.task, "base_model": base},
+                save_model=lambda m, d: peft_model_of(m).save_pretrained(str(d / ADAPTER_DIR)),
+            ),
         )
 
         result: dict[str, Any] = {}

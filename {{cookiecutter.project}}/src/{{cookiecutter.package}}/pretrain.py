@@ -23,7 +23,7 @@ from .cli import run_cli
 from .config import ConfigError, DebugConfig, PretrainConfig, SampleConfig
 from .runtime import training_run
 from .train.distributed import barrier, unwrap
-from .train.loop import evaluate_loss, fit
+from .train.loop import Job, evaluate_loss, fit
 
 
 def make_sampler(tokenizer: Any, cfg: SampleConfig, device: torch.device, seed: int):
@@ -110,10 +110,12 @@ def run(cfg: PretrainConfig, dbg: DebugConfig | None = None) -> list[dict]:
             cfg.train,
             run_dir,
             optim=cfg.optim,
-            evaluate=lambda m: evaluate_loss(m, val_windows, info.device),
-            sample=make_sampler(corpus.tokenizer, cfg.sample, info.device, cfg.train.seed),
-            config=cfg,
-            break_on_nonfinite=dbg.break_on_nonfinite,
+            setup=run.setup,
+            job=Job(
+                evaluate=lambda m: evaluate_loss(m, val_windows, info.device),
+                sample=make_sampler(corpus.tokenizer, cfg.sample, info.device, cfg.train.seed),
+                config=cfg,
+            ),
         )
 
         if info.is_main:

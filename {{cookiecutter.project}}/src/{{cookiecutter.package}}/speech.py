@@ -35,10 +35,10 @@ from .data.batches import ExampleBatches, iter_batches
 from .data.classify import LabelMap
 from .data.speech import SpeechData, load_speech, speech_collate
 from .metrics import scalar_metrics
-from .runtime import training_run
+from .runtime import check_resume_labels, training_run
 from .train.distributed import barrier, unwrap
 from .train.logger import history_result, report_final
-from .train.loop import check_resume_labels, evaluate_classifier, fit
+from .train.loop import Job, evaluate_classifier, fit
 
 
 def read_data(cfg: SpeechConfig) -> SpeechData:
@@ -99,7 +99,7 @@ def run(cfg: SpeechConfig, dbg: DebugConfig | None = None) -> dict:
     with training_run(cfg, dbg) as run:
         info, run_dir = run.info, run.run_dir
         data = read_data(cfg)  # bad audio is reported before anything is built or written
-        check_resume_labels(run_dir, cfg.train, data.labels)  # a resumed head must have the same words
+        check_resume_labels(run.resume_from, data.labels)  # a resumed head must have the same words
         run.start(cfg)
         model = build_model(cfg, len(data.labels)).to(info.device)
         clip_samples = cfg.data.clip_samples
@@ -127,14 +127,16 @@ def run(cfg: SpeechConfig, dbg: DebugConfig | None = None) -> dict:
             cfg.train,
             run_dir,
             optim=cfg.optim,
-            evaluate=lambda m: scalar_metrics(
-                evaluate(m, data.val, cfg, data.labels, info.device, cfg.train.eval_batches)
+            setup=run.setup,
+            job=Job(
+                evaluate=lambda m: scalar_metrics(
+                    evaluate(m, data.val, cfg, data.labels, info.device, cfg.train.eval_batches)
+                ),
+                config=cfg,
+                extra_state={"labels": data.labels},
+                flops_per_item=flops,
+                unit="ex",
             ),
-            extra_state={"labels": data.labels},
-            config=cfg,
-            break_on_nonfinite=dbg.break_on_nonfinite,
-            flops_per_token=flops,
-            throughput_unit="ex",
         )
         result: dict[str, Any] = {}
         if info.is_main:

@@ -36,10 +36,10 @@ from .data.classify import LabelMap
 from .data.image_augment import describe, make_augment
 from .lora import count_parameters
 from .metrics import scalar_metrics
-from .runtime import RunContext, training_run
+from .runtime import RunContext, check_resume_labels, training_run
 from .train.distributed import barrier, resolve_device, unwrap
 from .train.logger import history_result, report_final
-from .train.loop import check_resume_labels, evaluate_classifier, fit
+from .train.loop import Job, evaluate_classifier, fit
 
 MODEL_FILE = "model.safetensors"
 MERGED_DIR = "hf"
@@ -123,7 +123,7 @@ def finish(cfg: VisionConfig, run_dir: Path, model: nn.Module, splits: images.Sp
     return result
 
 
-def train(cfg: VisionConfig, dbg: DebugConfig, run: RunContext, splits: images.Splits) -> tuple[nn.Module, list[dict]]:
+def train(cfg: VisionConfig, run: RunContext, splits: images.Splits) -> tuple[nn.Module, list[dict]]:
     """Build, wrap and fit the model: (the model as it trained, fit()'s per-step history)."""
     info, names = run.info, splits.train.names
     model = build_model(cfg, splits).to(info.device)
@@ -160,12 +160,14 @@ def train(cfg: VisionConfig, dbg: DebugConfig, run: RunContext, splits: images.S
         cfg.train,
         run.run_dir,
         optim=cfg.optim,
-        evaluate=evaluate,
-        extra_state={"labels": names},
-        config=cfg,
-        break_on_nonfinite=dbg.break_on_nonfinite,
-        flops_per_token=flops_per_example(unwrap(model), splits.train.images.shape[-2:]),  # MFU, per image
-        throughput_unit="ex",
+        setup=run.setup,
+        job=Job(
+            evaluate=evaluate,
+            config=cfg,
+            extra_state={"labels": names},
+            flops_per_item=flops_per_example(unwrap(model), splits.train.images.shape[-2:]),  # MFU, per image
+            unit="ex",
+        ),
     )
     return model, history
 
@@ -179,9 +181,9 @@ def run(cfg: VisionConfig, dbg: DebugConfig | None = None) -> dict:
         raise ConfigError(str(err)) from err
     with training_run(cfg, dbg) as ctx:
         splits = load_splits(cfg)  # data errors before anything is written
-        check_resume_labels(ctx.run_dir, cfg.train, splits.train.names)  # a resumed head must have the same classes
+        check_resume_labels(ctx.resume_from, splits.train.names)  # a resumed head must have the same classes
         ctx.start(cfg)
-        model, history = train(cfg, dbg, ctx, splits)
+        model, history = train(cfg, ctx, splits)
         result: dict[str, Any] = {}
         if ctx.info.is_main:
             result = finish(cfg, ctx.run_dir, model, splits, history)
