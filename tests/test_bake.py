@@ -47,6 +47,7 @@ PACKAGE_MODULES = [
     "model/transformer.py",
     "model/lm.py",
     "model/hf.py",
+    "model/seq2seq.py",
     "data/tokenizer.py",
     "data/corpus.py",
     "data/sft.py",

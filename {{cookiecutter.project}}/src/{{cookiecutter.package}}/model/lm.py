@@ -73,7 +73,7 @@ class LlamaLM(nn.Module):
         # Default positions come straight off the rotary table as slices (no gather, no host sync).
         rope = self.rope(position_ids) if position_ids is not None else self.rope.span(past_len, T)
         # None when nothing is padded and there is no past: attention then uses SDPA's is_causal fast path.
-        mask = build_attention_mask(attention_mask, T, past_len, causal=True)
+        mask = build_attention_mask(attention_mask, T, past_len)
 
         x = self.embed_tokens(input_ids)  # [B, T, C]
         recompute = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
