@@ -283,3 +283,29 @@ def test_mask_none_when_nothing_to_mask():
 def test_attention_rejects_bad_head_counts():
     with pytest.raises(ValueError, match="n_kv_heads"):
         Attention(32, 4, 3)
+
+
+def test_llamalm_with_written_out_attention_equals_sdpa():
+    """`--model.attention written_out` through the whole model: the same parameters (a checkpoint of one loads into
+    the other), logits under padding, every gradient of the loss, and cached generation."""
+    from {{ cookiecutter.package }}.config import ModelConfig
+    from {{ cookiecutter.package }}.model.lm import LlamaLM
+
+    shape = dict(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32, multiple_of=16)
+    sdpa = LlamaLM(ModelConfig(**shape))
+    written = LlamaLM(ModelConfig(**shape, attention="written_out"))
+    written.load_state_dict(sdpa.state_dict())
+    assert all(layer.self_attn.written_out for layer in written.layers)
+    torch.manual_seed(1)
+    ids = torch.randint(0, 61, (2, 9))
+    keep = torch.ones(2, 9, dtype=torch.long)
+    keep[1, 6:] = 0  # right padding in row 1
+    labels = ids.masked_fill(keep == 0, -100)
+    for model in (sdpa, written):
+        model(ids, attention_mask=keep, labels=labels).loss.backward()
+    with torch.no_grad():
+        torch.testing.assert_close(written(ids, keep).logits, sdpa(ids, keep).logits, **TOL)
+    for (name, a), b in zip(sdpa.named_parameters(), written.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, **TOL, msg=name)
+    prompt = ids[:, :3]
+    assert torch.equal(written.generate(prompt, 6, temperature=0), sdpa.generate(prompt, 6, temperature=0))

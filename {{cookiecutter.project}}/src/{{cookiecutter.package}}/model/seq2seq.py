@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .attention import Attention, RotaryEmbedding, build_attention_mask
-from .transformer import DecoderBlock, RMSNorm, init_weights, residual_dropout, swiglu_hidden_dim
+from .transformer import DecoderBlock, RMSNorm, block_options, init_weights, residual_dropout, swiglu_hidden_dim
 
 
 def padding_mask(attention_mask: Tensor | None) -> Tensor | None:
@@ -65,10 +65,13 @@ class CrossAttention(Attention):
 class CrossDecoderBlock(DecoderBlock):
     """DecoderBlock with a cross-attention step between its self-attention and its MLP."""
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, hidden_dim: int, *, norm_eps=1e-5, dropout=0.0):
-        super().__init__(dim, n_heads, n_kv_heads, hidden_dim, norm_eps=norm_eps, dropout=dropout)
-        self.cross_attn_layernorm = RMSNorm(dim, norm_eps)
-        self.cross_attn = CrossAttention(dim, n_heads, n_kv_heads, dropout=dropout)
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, hidden_dim: int, **options):
+        super().__init__(dim, n_heads, n_kv_heads, hidden_dim, **options)  # options: DecoderBlock's keywords
+        self.cross_attn_layernorm = RMSNorm(dim, self.input_layernorm.eps)
+        attention = self.self_attn
+        self.cross_attn = CrossAttention(
+            dim, n_heads, n_kv_heads, dropout=attention.dropout, written_out=attention.written_out
+        )
 
     def forward(
         self,
@@ -96,8 +99,7 @@ class TransformerEncoder(nn.Module):
         self.embed_tokens = nn.Embedding(c.vocab_size, c.dim)
         self.rope = RotaryEmbedding(c.dim // c.n_heads, c.max_seq_len, c.rope_theta)
         self.layers = nn.ModuleList(
-            EncoderBlock(c.dim, c.n_heads, c.n_kv_heads, hidden, norm_eps=c.norm_eps, dropout=c.dropout)
-            for _ in range(c.n_layers)
+            EncoderBlock(c.dim, c.n_heads, c.n_kv_heads, hidden, **block_options(c)) for _ in range(c.n_layers)
         )
         self.norm = RMSNorm(c.dim, c.norm_eps)
 
@@ -131,8 +133,7 @@ class EncoderDecoder(nn.Module):
         hidden = swiglu_hidden_dim(c.dim, c.multiple_of, c.hidden_dim)
         self.encoder = TransformerEncoder(c)
         self.layers = nn.ModuleList(
-            CrossDecoderBlock(c.dim, c.n_heads, c.n_kv_heads, hidden, norm_eps=c.norm_eps, dropout=c.dropout)
-            for _ in range(c.n_layers)
+            CrossDecoderBlock(c.dim, c.n_heads, c.n_kv_heads, hidden, **block_options(c)) for _ in range(c.n_layers)
         )
         self.norm = RMSNorm(c.dim, c.norm_eps)
         self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)

@@ -3,6 +3,7 @@
 - `RMSNorm`, `SwiGLU`: the Llama normalisation and feed-forward.
 - `DecoderBlock`: pre-norm causal self-attention + MLP; what `LlamaLM` stacks (`model/seq2seq.py` derives its
   encoder and cross-attention blocks from it).
+- `block_options`: what the config sets in each block (norm eps, dropout, which attention).
 - `init_weights`: GPT-2's initialisation with depth-scaled residual projections.
 - `ClassifierOutput`: `.logits` / `.loss` like transformers' classifiers (ResNet, Conformer, fine-tuning).
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import ModelConfig
 from .attention import Attention, KVCache
 
 
@@ -97,6 +99,11 @@ class DecoderBlock(nn.Module):
         h = self.self_attn(self.input_layernorm(x), rope=rope, mask=mask, causal=True, cache=cache)
         x = x + residual_dropout(h, self.dropout, self.training)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def block_options(config: ModelConfig) -> dict:
+    """The keyword arguments of `DecoderBlock` that come from the config (everything but the shapes)."""
+    return dict(norm_eps=config.norm_eps, dropout=config.dropout, written_out=config.attention == "written_out")
 
 
 def init_weights(model: nn.Module, std: float, n_layers: int) -> None:
