@@ -5,7 +5,7 @@
   encoder and cross-attention blocks from it).
 - `block_options`: what the config sets in each block (norm eps, dropout, which attention).
 - `init_weights`: GPT-2's initialisation with depth-scaled residual projections.
-- `ClassifierOutput`: `.logits` / `.loss` like transformers' classifiers (ResNet, Conformer, fine-tuning).
+- `ClassifierOutput`: `.logits` / `.loss` like transformers' classifiers, what every classifier here returns.
 
 Shapes: B batch, T length, C model width, V vocabulary, N classes.
 """
