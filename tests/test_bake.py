@@ -48,6 +48,7 @@ PACKAGE_MODULES = [
     "model/transformer.py",
     "model/lm.py",
     "model/hf.py",
+    "model/seq2seq.py",
     "data/tokenizer.py",
     "data/corpus.py",
     "data/sources.py",

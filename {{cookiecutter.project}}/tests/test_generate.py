@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -66,3 +69,20 @@ def test_errors_are_one_line(tmp_path, ft_hf_dir, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _expect_exit(capsys, ["--debug"], "pretrain --debug")
     _expect_exit(capsys, [], "run pretrain first")
+
+
+def test_no_entry_point_imports_another():
+    """Jobs share code through the modules below them (generate and finetune: lora.generate_ids and
+    lora.pretrain_export_dir), so running or reading one never loads another's set-up."""
+    jobs = {"pretrain", "finetune", "generate", "vision", "speech", "bench"}
+    package_dir = Path(generate.__file__).parent
+    found = []
+    for job in sorted(jobs):
+        path = package_dir / f"{job}.py"
+        if not path.is_file():
+            continue  # vision / speech: only where the extra projects were chosen
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:  # from .x import ... / from . import x
+                names = [node.module] if node.module else [alias.name for alias in node.names]
+                found += [f"{job} -> {name}" for name in names if name.split(".")[0] in jobs]
+    assert not found, found

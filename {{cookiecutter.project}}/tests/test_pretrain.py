@@ -161,3 +161,18 @@ def test_shipped_config_under_debug_runs_on_the_embedded_corpus(tmp_path, data_c
     assert (run_dir / "hf" / "config.json").is_file()
     metrics = _metrics(run_dir)
     assert len(metrics) == 10 and metrics[-1]["loss"] < metrics[0]["loss"]
+
+
+def test_written_out_attention_trains_like_sdpa(tmp_path, pretrain_args):
+    """`--model.attention written_out` through the whole pipeline (config, training, evaluation, sampling, the
+    checkpoint): every logged loss equals the SDPA run's, so a learner stepping through the formula sees the run
+    they would have had anyway."""
+    losses = {}
+    for attention in ("sdpa", "written_out"):
+        name = f"tiny-{attention}"
+        pretrain.main([*pretrain_args, "--name", name, "--model.attention", attention])
+        run_dir = tmp_path / "runs" / name
+        assert load_config(PretrainConfig, run_dir / "config.yaml").model.attention == attention
+        losses[attention] = [m[key] for m in _metrics(run_dir) for key in ("loss", "eval_loss") if key in m]
+    assert len(losses["sdpa"]) == 8 + 2  # every step, and the evaluations at steps 4 and 8
+    assert losses["written_out"] == pytest.approx(losses["sdpa"], rel=1e-4)

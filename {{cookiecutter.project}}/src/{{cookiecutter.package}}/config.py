@@ -60,6 +60,9 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 slower
+    # sdpa: torch's fused kernels; written_out: softmax(QK^T / sqrt(d)) V line by line (model/attention.py), to step
+    # through in a debugger; the same weights and numbers, slower and with T x T scores in memory
+    attention: Literal["sdpa", "written_out"] = "sdpa"
 
     def __post_init__(self) -> None:
         _require(self.vocab_size >= 2, "model.vocab_size", self.vocab_size, ">= 2")

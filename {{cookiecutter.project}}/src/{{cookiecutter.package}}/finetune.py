@@ -34,17 +34,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cli import run_cli
-from .config import (
-    ConfigError,
-    DebugConfig,
-    FinetuneConfig,
-    PretrainConfig,
-    parse_config,
-)
+from .config import ConfigError, DebugConfig, FinetuneConfig
 from .data import batches
 from .data import classify as cls_data
 from .data import sft as sft_data
-from .lora import apply_lora, check_qlora, count_parameters, load_model, merge_and_save
+from .lora import (
+    apply_lora,
+    check_qlora,
+    count_parameters,
+    generate_ids,
+    load_model,
+    merge_and_save,
+    pretrain_defaults,
+    pretrain_export_dir,
+)
 from .metrics import TokenLossMeter, perplexity, scalar_metrics
 from .model.transformer import ClassifierOutput
 from .runtime import check_resume_labels, training_run
@@ -88,17 +91,6 @@ def peft_model_of(model: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------------------------------------------------
 # Base model resolution (defaults and the --debug fallback)
 # ----------------------------------------------------------------------------------------------------------------------
-def pretrain_defaults(debug: bool) -> PretrainConfig:
-    """What a bare ``pretrain`` (``pretrain --debug``) run is configured with."""
-    return parse_config(PretrainConfig, ["--debug"] if debug else [])[0]
-
-
-def pretrain_export_dir(debug: bool) -> Path:
-    """Where ``pretrain`` (with or without ``--debug``) writes its transformers export."""
-    p = pretrain_defaults(debug)
-    return Path(p.out_dir) / p.name / "hf"
-
-
 def resolve_base_model(cfg: FinetuneConfig, debug: bool) -> str | None:
     """``--base_model``, or else what ``pretrain`` exported; None = build a tiny one (``--debug`` without it)."""
     if cfg.base_model is not None:
@@ -235,22 +227,6 @@ def make_sft_sampler(tokenizer: Any, cfg: FinetuneConfig, device: torch.device):
         return texts
 
     return sample
-
-
-def generate_ids(model, input_ids, tokenizer, max_new_tokens, temperature, top_k, top_p, stop_ids) -> Tensor:
-    """transformers' generate (works on peft-wrapped and merged models alike): [1, T] -> [1, T + new]."""
-    sampling = temperature > 0
-    kwargs: dict[str, Any] = {"do_sample": sampling}
-    if sampling:
-        kwargs.update(temperature=temperature, top_k=top_k or 0, top_p=top_p if top_p is not None else 1.0)
-    return model.generate(
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=max_new_tokens,
-        eos_token_id=stop_ids or None,
-        pad_token_id=tokenizer.pad_token_id,
-        **kwargs,
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------

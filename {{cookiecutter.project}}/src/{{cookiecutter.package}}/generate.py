@@ -23,8 +23,7 @@ import torch
 from .cli import run_cli
 from .config import ConfigError, DebugConfig, GenerateConfig
 from .data import sft as sft_data
-from .finetune import generate_ids, pretrain_export_dir
-from .lora import load_adapter, load_model
+from .lora import generate_ids, load_adapter, load_model, pretrain_export_dir
 from .train.distributed import resolve_device
 
 
