@@ -58,6 +58,7 @@ PACKAGE_MODULES = [
     "train/step.py",
     "train/loop.py",
     "train/checkpoint.py",
+    "train/stopping.py",
     "train/optim.py",
     "train/distributed.py",
 ]

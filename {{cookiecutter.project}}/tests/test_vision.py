@@ -358,3 +358,22 @@ def test_unreachable_hub_id_fails_with_one_line_naming_the_download(monkeypatch)
         load_backbone("no-such-org/resnet-x", ["a", "b"])
     assert "\n" not in str(err.value)
     assert ALIASES["resnet18"] == "microsoft/resnet-18" and ALIASES["resnet50"] == "microsoft/resnet-50"
+
+
+def test_early_stopping_ends_with_the_best_checkpoint_and_exports_it(tmp_path):
+    """The first evaluation is the best and no later one beats it by 1e9: the run stops at the second; the final
+    validation score and model.safetensors are the first evaluation's checkpoint."""
+    stop = ["--train.early_stopping.enabled", "true", "--train.early_stopping.patience", "1",
+            "--train.early_stopping.min_delta", "1e9", "--train.eval_every", "4"]  # fmt: skip
+    cfg, dbg = parse_config(VisionConfig, ["--debug", "--out_dir", str(tmp_path), *stop])
+    result = vision.run(cfg, dbg)
+    run_dir = tmp_path / cfg.name
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [4, 8] and result["steps"] == 8
+    assert result["weights"] == "of the best checkpoint, step 4 (early stopping)"
+    assert result["val"]["accuracy"] == evals[0]["eval_accuracy"]
+    assert result["val"]["loss"] == pytest.approx(evals[0]["eval_loss"], abs=1e-6)
+    saved = load_file(run_dir / vision.MODEL_FILE)
+    best = load_file(run_dir / "checkpoints" / "step-000004" / "model.safetensors")
+    assert saved.keys() == best.keys() and all(torch.equal(saved[k], best[k]) for k in saved)

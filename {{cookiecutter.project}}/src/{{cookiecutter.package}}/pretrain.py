@@ -21,8 +21,10 @@ import torch
 
 from .cli import run_cli
 from .config import ConfigError, DebugConfig, PretrainConfig, SampleConfig
+from .metrics import LOSS_METRICS
 from .runtime import training_run
 from .train.distributed import barrier, unwrap
+from .train.logger import history_result
 from .train.loop import Job, evaluate_loss, fit
 
 
@@ -48,6 +50,11 @@ def make_sampler(tokenizer: Any, cfg: SampleConfig, device: torch.device, seed: 
         return texts
 
     return sample
+
+
+def reported_metrics(cfg: PretrainConfig) -> tuple[str, ...]:
+    """What every evaluation reports (train.early_stopping.metric and tune's objective name one)."""
+    return LOSS_METRICS
 
 
 def run(cfg: PretrainConfig, dbg: DebugConfig | None = None) -> list[dict]:
@@ -101,6 +108,7 @@ def run(cfg: PretrainConfig, dbg: DebugConfig | None = None) -> list[dict]:
                 corpus.train, batch, seq_len, mode=cfg.data.sampling, seed=cfg.train.seed, **rank_args
             )
             val_windows = EvalWindows(corpus.val, batch, seq_len, cfg.train.eval_batches, **rank_args)
+            val_all = EvalWindows(corpus.val, batch, seq_len, None, **rank_args)  # the whole split, once
         except ValueError as err:
             raise ConfigError(f"data: {err}") from err
 
@@ -113,6 +121,8 @@ def run(cfg: PretrainConfig, dbg: DebugConfig | None = None) -> list[dict]:
             setup=run.setup,
             job=Job(
                 evaluate=lambda m: evaluate_loss(m, val_windows, info.device),
+                validate=lambda m: evaluate_loss(m, val_all, info.device),
+                metrics=reported_metrics(cfg),
                 sample=make_sampler(corpus.tokenizer, cfg.sample, info.device, cfg.train.seed),
                 config=cfg,
             ),
@@ -125,9 +135,12 @@ def run(cfg: PretrainConfig, dbg: DebugConfig | None = None) -> list[dict]:
                 out = export_hf(unwrap(model), run_dir / "hf", corpus.tokenizer)
                 print(f"exported transformers model to {out}", flush=True)
             if history:
-                last = history[-1]
-                evals = "".join(f"  eval {k[5:]} {last[k]:.4f}" for k in ("eval_loss", "eval_perplexity") if k in last)
-                print(f"done: step {last['step']}  train loss {last['loss']:.4f}{evals}  run dir {run_dir}")
+                last, weights = history[-1], history_result(history).get("weights")
+                final = next(r for r in history if r["step"] == last.get("weights_step", last["step"]))  # its eval
+                keys = [k for k in ("eval_loss", "eval_perplexity") if k in final]
+                evals = "".join(f"  eval {k[5:]} {final[k]:.4f}" for k in keys)
+                weights = f"  weights {weights}" if weights else ""
+                print(f"done: step {last['step']}  train loss {last['loss']:.4f}{evals}{weights}  run dir {run_dir}")
         barrier()
         return history
 
