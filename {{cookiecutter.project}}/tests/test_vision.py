@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 import struct
 import subprocess
 import sys
@@ -377,3 +378,23 @@ def test_early_stopping_ends_with_the_best_checkpoint_and_exports_it(tmp_path):
     saved = load_file(run_dir / vision.MODEL_FILE)
     best = load_file(run_dir / "checkpoints" / "step-000004" / "model.safetensors")
     assert saved.keys() == best.keys() and all(torch.equal(saved[k], best[k]) for k in saved)
+
+
+@pytest.mark.slow
+def test_tune_debug_study_of_two_trials(tmp_path, monkeypatch):
+    from {{ cookiecutter.package }} import tune
+
+    shutil.copytree(CONFIGS, tmp_path / "configs")  # the space names its recipe relative to the working directory
+    monkeypatch.chdir(tmp_path)
+    study = tune.run(*parse_config(tune.TuneConfig, ["--space", "configs/tune/vision.yaml", "--debug"]))
+    assert len(study.trials) == 2 and all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
+    study_dir = tmp_path / "runs" / "tune-vision-debug"
+    best, _ = parse_config(VisionConfig, ["--config", str(study_dir / "best.yaml")])
+    params = study.best_params
+    assert (best.optim.lr, best.train.batch_size) == (params["optim.lr"], params["train.batch_size"])
+    assert best.train.early_stopping.enabled and best.train.early_stopping.metric == "accuracy"
+    for t in study.trials:  # normal runs: the trial's values in its config.yaml, its own TensorBoard
+        run_dir = study_dir / "trials" / t.user_attrs["run"]
+        cfg, _ = parse_config(VisionConfig, ["--config", str(run_dir / "config.yaml")])
+        assert cfg.optim.weight_decay == t.params["optim.weight_decay"] and (run_dir / "tb").is_dir()
+    assert {p.name for p in (study_dir / "plots").glob("*.png")} >= {"history.png", "parallel.png"}
