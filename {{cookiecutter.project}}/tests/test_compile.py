@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from {{ cookiecutter.package }} import runtime
-from {{ cookiecutter.package }}.config import DebugConfig, OptimConfig, PretrainConfig, parse_config
+from {{ cookiecutter.package }}.config import DebugConfig, OptimConfig, parse_config
+from {{ cookiecutter.package }}.config.pretrain import PretrainConfig
 from {{ cookiecutter.package }}.data.corpus import TokenWindows
 from {{ cookiecutter.package }}.train.loop import fit
 from {{ cookiecutter.package }}.train.optim import build_optimizer

@@ -13,14 +13,8 @@ import pytest
 import torch
 
 from {{ cookiecutter.package }} import bench, finetune
-from {{ cookiecutter.package }}.config import (
-    FinetuneConfig,
-    FinetuneDataConfig,
-    LoraSettings,
-    ModelConfig,
-    OptimConfig,
-    TrainConfig,
-)
+from {{ cookiecutter.package }}.config import LoraSettings, ModelConfig, OptimConfig, TrainConfig
+from {{ cookiecutter.package }}.config.finetune import FinetuneConfig, FinetuneDataConfig
 from {{ cookiecutter.package }}.data.corpus import TokenWindows
 from {{ cookiecutter.package }}.model.lm import LlamaLM
 from {{ cookiecutter.package }}.train.optim import build_optimizer

@@ -17,16 +17,9 @@ from sklearn import metrics as skm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from {{ cookiecutter.package }} import finetune
-from {{ cookiecutter.package }}.config import (
-    FinetuneConfig,
-    FinetuneDataConfig,
-    GenerateConfig,
-    LoraSettings,
-    OptimConfig,
-    SampleConfig,
-    TrainConfig,
-    parse_config,
-)
+from {{ cookiecutter.package }}.config import LoraSettings, OptimConfig, SampleConfig, TrainConfig, parse_config
+from {{ cookiecutter.package }}.config.finetune import FinetuneConfig, FinetuneDataConfig
+from {{ cookiecutter.package }}.config.generate import GenerateConfig
 from {{ cookiecutter.package }}.data import sft as sft_data
 from {{ cookiecutter.package }}.lora import load_adapter
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from {{ cookiecutter.package }} import generate
-from {{ cookiecutter.package }}.config import GenerateConfig, LoraSettings
+from {{ cookiecutter.package }}.config import LoraSettings
+from {{ cookiecutter.package }}.config.generate import GenerateConfig
 from {{ cookiecutter.package }}.data.sft import prompt_ids
 from {{ cookiecutter.package }}.lora import apply_lora, load_model
 from {{ cookiecutter.package }}.model.hf import import_hf

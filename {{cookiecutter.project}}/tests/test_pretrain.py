@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from {{ cookiecutter.package }} import pretrain
-from {{ cookiecutter.package }}.config import PretrainConfig, load_config
+from {{ cookiecutter.package }}.config import load_config
+from {{ cookiecutter.package }}.config.pretrain import PretrainConfig
 from {{ cookiecutter.package }}.debug import INJECT_NAN_ENV
 from {{ cookiecutter.package }}.model.lm import LlamaLM
 from {{ cookiecutter.package }}.train import checkpoint as ckpt

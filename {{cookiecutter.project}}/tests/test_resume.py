@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from {{ cookiecutter.package }} import pretrain
-from {{ cookiecutter.package }}.config import ConfigError, FinetuneConfig, OptimConfig
+from {{ cookiecutter.package }}.config import ConfigError, OptimConfig
+from {{ cookiecutter.package }}.config.finetune import FinetuneConfig
 from {{ cookiecutter.package }}.data.corpus import EvalWindows, TokenWindows
 from {{ cookiecutter.package }}.model.lm import LlamaLM
 from {{ cookiecutter.package }}.runtime import check_resume_labels, resolve_start

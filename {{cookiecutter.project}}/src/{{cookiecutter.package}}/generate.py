@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from .cli import run_cli
-from .config import ConfigError, DebugConfig, GenerateConfig
+from .config import ConfigError, DebugConfig
+from .config.generate import GenerateConfig
 from .data import sft as sft_data
 from .lora import generate_ids, load_adapter, load_model, pretrain_export_dir
 from .train.distributed import resolve_device
