@@ -309,7 +309,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 def test_debug_profile_is_small_and_deterministic(tmp_path):
     big = tmp_path / "big.yaml"
-    big.write_text("train:\n  max_steps: 5000\n  batch_size: 64\n  grad_accum: 8\n  compile: true\n")
+    big.write_text("train:\n  max_steps: 5000\n  batch_size: 64\n  grad_accum: 8\n  compile: always\n")
     cfg, _ = parse_config(PretrainConfig, ["--config", str(big), "--debug"])
     assert cfg.name == "pretrain-debug"
     assert cfg.model.dim <= 64 and cfg.model.n_layers <= 2
@@ -317,9 +317,9 @@ def test_debug_profile_is_small_and_deterministic(tmp_path):
     t = cfg.train
     assert (t.max_steps, t.batch_size, t.grad_accum, t.eval_every, t.save_every) == (20, 4, 1, 1, 0)
     assert t.precision == "fp32"
-    assert t.deterministic and t.detect_anomaly and t.compile is False and t.overwrite
+    assert t.deterministic and t.detect_anomaly and t.compile == "never" and t.overwrite
     assert not hasattr(cfg.data, "num_workers")  # pre-training reads a memmap in-process: no workers to turn off
-    assert parse_config(PretrainConfig, ["--debug", "--train.compile", "true"])[0].train.compile is True
+    assert parse_config(PretrainConfig, ["--debug", "--train.compile", "always"])[0].train.compile == "always"
 
 
 def test_debug_profile_applies_to_finetune_config():

@@ -93,7 +93,7 @@ def test_debug_profile(tmp_path, pretrain_args, debug_first):
     assert [m["step"] for m in metrics] == list(range(1, 9)) and all("eval_loss" in m for m in metrics)
     assert [p.name for p in ckpt.list_checkpoints(run_dir / "checkpoints")] == ["step-000008"]  # at the end only
     t = load_config(PretrainConfig, run_dir / "config.yaml").train
-    assert (t.max_steps, t.precision, t.deterministic, t.detect_anomaly, t.compile) == (8, "fp32", True, True, False)
+    assert (t.max_steps, t.precision, t.deterministic, t.detect_anomaly, t.compile) == (8, "fp32", True, True, "never")
     assert not (tmp_path / "runs" / "tiny").exists()
 
 

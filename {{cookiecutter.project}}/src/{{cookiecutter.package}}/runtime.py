@@ -9,10 +9,10 @@ seeds/determinism/TF32 and the precision (:meth:`RunContext.start`), and compile
 
 ``train.compile: auto`` (the default) compiles on CUDA, where fusing the many small elementwise kernels of a step and
 removing Python overhead pays for the compile time many times over, and stays eager everywhere a person is looking:
-``--debug`` (its profile sets ``compile: false``), ``--break-on-nonfinite`` (its hooks inspect every module's output)
+``--debug`` (its profile sets ``compile: never``), ``--break-on-nonfinite`` (its hooks inspect every module's output)
 and an attached debugger (a breakpoint inside a compiled module does not stop). On a CPU the compile time (a C++
-toolchain, minutes for a real model) is rarely won back in the short runs people do there. ``true`` / ``false`` force
-it either way; a ``--train.compile`` flag beats the ``--debug`` profile like any other flag.
+toolchain, minutes for a real model) is rarely won back in the short runs people do there. ``always`` / ``never``
+force it either way; a ``--train.compile`` flag beats the ``--debug`` profile like any other flag.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import ConfigError, DebugConfig, TrainConfig, config_to_yaml, save_config
+from .config import Auto, ConfigError, DebugConfig, TrainConfig, config_to_yaml, save_config
 from .debug import debugger_attached, start_debugger
 from .train import checkpoint as ckpt
 from .train.distributed import DistInfo, get_rank, init_distributed, notice, teardown, wrap_ddp
@@ -68,7 +68,7 @@ class RunContext:
         if self.info.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
 
-    def wrap(self, model: nn.Module, compile_setting: bool | str, *, fullgraph: bool = False) -> nn.Module:
+    def wrap(self, model: nn.Module, compile_setting: Auto, *, fullgraph: bool = False) -> nn.Module:
         """The model as it trains: compiled when :func:`compile_decision` says so, then DDP under torchrun."""
         return wrap_ddp(
             maybe_compile(model, compile_setting, self.info.device, self.dbg, fullgraph=fullgraph), self.info
@@ -178,14 +178,12 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None) -> context
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def compile_decision(setting: bool | str, device: torch.device, dbg: DebugConfig) -> tuple[bool, str]:
+def compile_decision(setting: Auto, device: torch.device, dbg: DebugConfig) -> tuple[bool, str]:
     """(compile or not, why) for ``train.compile`` = ``setting`` on ``device`` with the debug flags ``dbg``."""
     if dbg.break_on_nonfinite:
         return False, "--break-on-nonfinite inspects every module eagerly"
-    if setting is True or setting == "true":
-        return True, "train.compile true"
-    if setting is False or setting == "false":
-        return False, "train.compile false"
+    if setting != "auto":
+        return setting == "always", f"train.compile {setting}"
     if debugger_attached():
         return False, "a debugger is attached: breakpoints inside a compiled model would not stop"
     if device.type != "cuda":
@@ -194,7 +192,7 @@ def compile_decision(setting: bool | str, device: torch.device, dbg: DebugConfig
 
 
 def maybe_compile(
-    model: nn.Module, setting: bool | str, device: torch.device, dbg: DebugConfig, *, fullgraph: bool = False
+    model: nn.Module, setting: Auto, device: torch.device, dbg: DebugConfig, *, fullgraph: bool = False
 ) -> nn.Module:
     """``torch.compile(model)`` when :func:`compile_decision` says so, else ``model``; one line either way.
 

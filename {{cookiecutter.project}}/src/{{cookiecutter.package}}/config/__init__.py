@@ -28,7 +28,8 @@ tests/test_config.py checks that every redeclared default differs from the one i
 ``configs/`` is a recipe holding only what it changes (each of its keys changes the parsed config; tested too): the
 recipes tune the shipped demo, e.g. its small model trains well with a higher learning rate than the defaults, which
 suit your own models. "Work it out from the rest" is ``None``, resolved by a named function where it is used
-(``finetune.resolve_base_model``, ``generate.resolve_model``).
+(``finetune.resolve_base_model``, ``generate.resolve_model``), and a choice the program can make by itself is
+``auto`` / ``always`` / ``never`` (:data:`.base.Auto`): each value of an option has one meaning.
 
 The schema *is* the dataclasses: nested fields become dotted options (``--train.max_steps 20``), ``--help`` lists
 every option with its type and default, and a YAML file written by :func:`.parse.save_config` can be passed back with
@@ -40,6 +41,7 @@ report (exit code 2, no traceback).
 from .base import (
     DEMO_PROMPT,
     SEED,
+    Auto,
     ConfigError,
     DebugConfig,
     LoraSettings,
@@ -67,6 +69,7 @@ __all__ = [
     "DEBUG_PROFILE",
     "DEMO_PROMPT",
     "SEED",
+    "Auto",
     "ConfigError",
     "DebugConfig",
     "LoraSettings",

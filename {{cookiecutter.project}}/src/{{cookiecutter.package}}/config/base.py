@@ -15,6 +15,9 @@ from typing import Any, ClassVar, Literal, NoReturn
 SEED = 1337  # training and generation draw from the same seed unless told otherwise
 DEMO_PROMPT = "MACBETH.\n"  # a speaker heading of the embedded corpus: the model goes on with a speech
 
+# A choice the program can make by itself: "auto" decides (and says why), "always" / "never" force it.
+Auto = Literal["auto", "always", "never"]
+
 
 class ConfigError(ValueError):
     """Bad user input found after parsing (e.g. a data path that does not exist); entry points exit with code 2."""
@@ -92,7 +95,9 @@ class OptimConfig:
     weight_decay: float = 0.1  # applied to matrices (>= 2-D) only: never to norms or biases
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
-    fused: bool | None = None  # None = fused kernel where torch has one (CUDA, CPU), foreach otherwise; True = must
+    # the fused AdamW kernel: auto = where torch has one for the parameters (CUDA, CPU), else foreach with a notice;
+    # always = fused or an error; never = foreach
+    fused: Auto = "auto"
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # YAML gives a list
@@ -126,8 +131,8 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 autocast where the device supports it natively
     tf32: bool = True  # TF32 matmuls on Ampere+ GPUs (fp32 runs only)
     # torch.compile the model: auto = on CUDA, unless --debug, --break-on-nonfinite or an attached debugger asks for
-    # eager (see runtime.compile_decision); the first steps are reported as "compiling"
-    compile: bool | Literal["auto"] = "auto"
+    # eager (see runtime.compile_decision); always / never force it. The first steps are reported as "compiling"
+    compile: Auto = "auto"
     deterministic: bool = False  # torch.use_deterministic_algorithms + fixed seeds (slower; for debugging)
     detect_anomaly: bool = False  # autograd anomaly detection: names the op that produced a NaN (very slow)
     peak_tflops: float | None = None  # device peak for MFU; None = look up the GPU / measure once

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import DEMO_PROMPT, SEED, Sampling
+from .base import DEMO_PROMPT, SEED, Auto, Sampling
 
 
 @dataclass
@@ -16,8 +16,7 @@ class GenerateConfig(Sampling):
     # (its --debug run's under --debug)
     model: str | None = None
     adapter: str | None = None  # optional LoRA adapter directory (finetune's run_dir/adapter) applied on `model`
-    chat: bool | None = None  # format the prompt as in SFT (chat template / plain template); None = when an adapter
-    # trained by SFT is given
+    chat: Auto = "auto"  # render the prompt with the SFT chat / plain template; auto = when an adapter is given
     prompt: str = DEMO_PROMPT
     max_new_tokens: int = 128
     top_p: float | None = None  # nucleus sampling: the smallest set of tokens holding this much probability
