@@ -116,10 +116,10 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step; global batch = batch_size * grad_accum * world size
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping (the norm is still reported)
     log_every: int = 10  # TensorBoard scalars + one log line every N steps (the progress bar updates every step)
-    # per-module gradient/weight norms, update/weight ratios and vanishing/exploding warnings every N steps (and at
-    # the end); None = every log_every steps, 0 = off. Costs nothing on the other steps; on its steps it holds a copy
-    # of the trainable weights for the update ratio (set 0 or a large N for a model near the memory limit).
-    grad_stats_every: int | None = None
+    # per-module gradient/weight norms, update/weight ratios and vanishing/exploding warnings on every log step and at
+    # the end. Costs nothing on the other steps; on its steps it holds a copy of the trainable weights for the update
+    # ratio (turn it off for a model near the memory limit).
+    grad_stats: bool = True
     eval_every: int = 100  # evaluate (loss, perplexity) and sample every N steps and at the end; 0 = only at the end
     eval_batches: int = 20  # batches per evaluation
     save_every: int = 500  # checkpoint every N steps and at the end; 0 = only at the end
@@ -145,8 +145,6 @@ class TrainConfig:
             require(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), ">= 1")
         for name in ("eval_every", "save_every", "keep_checkpoints"):
             require(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), ">= 0")
-        every = self.grad_stats_every
-        require(every is None or every >= 0, "train.grad_stats_every", every, "None or >= 0")
         require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, ">= 0")
 
 
