@@ -270,6 +270,8 @@ def test_help_lists_every_option_with_its_default(cls, capsys):
         (["--data.seq_len", "512", "--model.max_seq_len", "256"], "data.seq_len=512 exceeds model.max_seq_len=256"),
         (["--optim.min_lr", "1.0", "--optim.lr", "0.1"], "optim.min_lr"),
         (["--config", "does-not-exist.yaml"], "does-not-exist.yaml"),
+        (["--train.resume", "runs/x/checkpoints"], "train.resume"),  # a path goes to train.resume_from
+        (["--train.resume", "auto", "--train.resume_from", "x"], "train.resume_from='x' is invalid"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, expected, capsys):
@@ -299,7 +301,7 @@ def test_save_and_load_round_trip(tmp_path):
         model=ModelConfig(dim=64, n_heads=4, n_kv_heads=2, hidden_dim=128),
         data=DataConfig(path="corpus.txt", seq_len=64),
         optim=OptimConfig(lr=1e-3, betas=(0.8, 0.99)),
-        train=TrainConfig(max_steps=5, resume="auto", precision="fp32"),
+        train=TrainConfig(max_steps=5, resume_from="runs/x/checkpoints/step-000004", precision="fp32"),
         sample=SampleConfig(prompts=["A\n", "B"], top_k=None),
     )
     path = save_config(cfg, tmp_path / "run" / "config.yaml")

@@ -125,7 +125,10 @@ def test_refuses_to_overwrite_an_existing_run(tmp_path, pretrain_args, capsys):
 
 
 def test_bad_resume_path(tmp_path, pretrain_args, capsys):
-    assert _exit_code([*pretrain_args, "--train.resume", str(tmp_path / "missing")]) == 2
+    assert _exit_code([*pretrain_args, "--train.resume_from", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "train.resume_from=" in err and "no complete checkpoint" in err
+    assert _exit_code([*pretrain_args, "--train.resume_from", "auto"]) == 2  # a directory named auto, not the keyword
     assert "no complete checkpoint" in capsys.readouterr().err
 
 

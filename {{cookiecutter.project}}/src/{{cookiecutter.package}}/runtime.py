@@ -205,19 +205,14 @@ def maybe_compile(
     return torch.compile(model, fullgraph=fullgraph) if use else model
 
 
-def resolve_resume(resume: str | Path | None, root: str | Path, log: ckpt.Log = None) -> Path | None:
-    """``None``/``""`` -> no resume; ``"auto"`` -> the newest intact checkpoint under ``root`` (None if there is none:
-    a fresh start); anything else -> that checkpoint directory, or a checkpoints root / run directory whose newest
-    intact one is taken (:func:`.train.checkpoint.newest_intact`; ``log`` gets its notices). The result is verified.
+def named_checkpoint(path: str | Path, log: ckpt.Log = None) -> Path:
+    """``train.resume_from``: that checkpoint directory, or the newest intact checkpoint of a checkpoints root or run
+    directory (:func:`.train.checkpoint.newest_intact`; ``log`` gets its notices); verified either way.
 
     Raises :class:`.train.checkpoint.DamagedCheckpointError` (a :class:`ConfigError`) for a damaged checkpoint named
-    explicitly or a named run without an intact one, and FileNotFoundError for a path without checkpoints.
+    explicitly or a named run without an intact one, and :class:`ConfigError` for a path without checkpoints.
     """
-    if resume is None or str(resume) == "":
-        return None
-    if str(resume) == "auto":
-        return ckpt.newest_intact(root, log)
-    path = Path(resume)
+    path = Path(path)
     if ckpt.is_complete(path):
         ckpt.verify_checkpoint(path, log)
         return path
@@ -226,33 +221,35 @@ def resolve_resume(resume: str | Path | None, root: str | Path, log: ckpt.Log = 
             found = ckpt.newest_intact(candidate_root, log)
             if found is None:
                 raise ckpt.DamagedCheckpointError(
-                    f"train.resume={str(resume)!r}: every checkpoint in {candidate_root} is damaged: restore one "
+                    f"train.resume_from={str(path)!r}: every checkpoint in {candidate_root} is damaged: restore one "
                     "from a copy, or name another checkpoint"
                 )
             return found
-    raise FileNotFoundError(f"train.resume={str(resume)!r}: no complete checkpoint there")
+    raise ConfigError(f"train.resume_from={str(path)!r}: no complete checkpoint there")
 
 
 def resolve_start(run_dir: str | Path, cfg: TrainConfig) -> Path | None:
-    """The checkpoint this run continues from (``cfg.resume``, see :func:`resolve_resume`), or None for a fresh
-    start. Worked out once per run, before anything is written, and handed to ``fit`` and the label checks.
+    """The checkpoint this run continues from, or None for a fresh start: ``cfg.resume_from`` (see
+    :func:`named_checkpoint`), else with ``cfg.resume`` auto the run's newest intact checkpoint. Worked out once per
+    run, before anything is written, and handed to ``fit`` and the label checks.
 
-    Raises :class:`ConfigError` when a fresh start would overwrite checkpoints (without ``cfg.overwrite``) or a
-    resume path holds no intact checkpoint.
+    Raises :class:`ConfigError` when a fresh start would overwrite checkpoints (without ``cfg.overwrite``) or the
+    named checkpoint is missing or damaged.
     """
     root = Path(run_dir) / "checkpoints"
-    try:
-        found = resolve_resume(cfg.resume, root, log=notice)
-    except FileNotFoundError as err:
-        raise ConfigError(str(err)) from err
-    if found is None and cfg.resume == "auto":
-        notice(f"no intact checkpoint in {root}: starting from step 0")
-    elif found is None and ckpt.list_checkpoints(root) and not cfg.overwrite:
+    if cfg.resume_from is not None:
+        return named_checkpoint(cfg.resume_from, log=notice)
+    if cfg.resume == "auto":
+        found = ckpt.newest_intact(root, notice)
+        if found is None:
+            notice(f"no intact checkpoint in {root}: starting from step 0")
+        return found
+    if ckpt.list_checkpoints(root) and not cfg.overwrite:
         raise ConfigError(
             f"{run_dir} already has checkpoints (latest {ckpt.latest_checkpoint(root).name}): continue it with "
             "--train.resume auto, start a new run with another --name, or replace it with --train.overwrite true"
         )
-    return found
+    return None
 
 
 def check_resume_labels(resume_from: Path | None, labels: list[str] | None) -> None:

@@ -124,7 +124,12 @@ class TrainConfig:
     eval_batches: int = 20  # batches per evaluation
     save_every: int = 500  # checkpoint every N steps and at the end; 0 = only at the end
     keep_checkpoints: int = 3  # newest N checkpoints are kept; 0 = keep all
-    resume: str | None = None  # None = fresh run; "auto" = latest checkpoint of this run; or a checkpoint directory
+    # auto = continue from this run's newest intact checkpoint (a fresh start while it has none); never = a fresh
+    # start, which refuses to replace the run's checkpoints unless `overwrite`
+    resume: Literal["never", "auto"] = "never"
+    # continue from this checkpoint directory, or from the newest intact checkpoint of a run or checkpoints directory
+    # (instead of `resume`)
+    resume_from: str | None = None
     overwrite: bool = False  # a fresh run may replace this run's existing checkpoints (else it refuses to start)
     seed: int = SEED
     device: str = "auto"  # auto = cuda when available, else cpu; or cpu, cuda, cuda:1, mps
@@ -146,6 +151,12 @@ class TrainConfig:
         for name in ("eval_every", "save_every", "keep_checkpoints"):
             require(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), ">= 0")
         require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, ">= 0")
+        require(
+            self.resume_from is None or self.resume == "never",
+            "train.resume_from",
+            self.resume_from,
+            "unset with train.resume auto (one place to resume from)",
+        )
 
 
 @dataclass
