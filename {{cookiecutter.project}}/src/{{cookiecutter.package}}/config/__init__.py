@@ -19,8 +19,8 @@ real run's directory, whatever ``--name`` says. :func:`.parse.parse_config` is t
 Where things live: ``base.py`` holds the sections every program shares (model, optimizer, training loop, sampling,
 LoRA, debug flags); each program's own module (``pretrain.py``, ``finetune.py``, ``generate.py``, ...) holds its
 top-level config and the sections only it has; ``parse.py`` holds the parser and the YAML round trip. Import a
-program's config from its module (``from .config.pretrain import PretrainConfig``); the shared names are re-exported
-here.
+program's config from its module (``from .config.pretrain import PretrainConfig``); the shared sections, the
+errors and the parser are re-exported here.
 
 One home per default: every default lives in one dataclass field. A program that trains with other defaults than a
 shared section's subclasses it and redeclares only those fields (``FinetuneTrain(TrainConfig)``), and
@@ -39,20 +39,15 @@ report (exit code 2, no traceback).
 """
 
 from .base import (
-    DEMO_PROMPT,
-    SEED,
     Auto,
     ConfigError,
     DebugConfig,
     LoraSettings,
     ModelConfig,
     OptimConfig,
-    RunConfig,
     SampleConfig,
-    Sampling,
     TrainConfig,
     fail,
-    require,
 )
 from .parse import (
     DEBUG_PROFILE,
@@ -67,17 +62,13 @@ from .parse import (
 
 __all__ = [
     "DEBUG_PROFILE",
-    "DEMO_PROMPT",
-    "SEED",
     "Auto",
     "ConfigError",
     "DebugConfig",
     "LoraSettings",
     "ModelConfig",
     "OptimConfig",
-    "RunConfig",
     "SampleConfig",
-    "Sampling",
     "TrainConfig",
     "build_parser",
     "config_to_dict",
@@ -86,6 +77,5 @@ __all__ = [
     "fail",
     "load_config",
     "parse_config",
-    "require",
     "save_config",
 ]
