@@ -25,11 +25,12 @@ def remove(relative: str) -> None:
         path.unlink()
 
 
-# What each extra project adds (extra_projects): its files go unless the answer selects it. The shared files (config,
-# debug profile, README, Makefile, IDE launch.json) hold its parts inside Jinja conditions instead.
+# What each extra project adds (extra_projects): its files go unless the answer selects it. The shared files (debug
+# profile, README, Makefile, IDE launch.json) hold its parts inside Jinja conditions instead.
 EXTRA_PROJECT_FILES = {
     "vision": [
         "src/{package}/vision.py",
+        "src/{package}/config/vision.py",
         "src/{package}/model/resnet.py",
         "src/{package}/data/images.py",
         "src/{package}/model/pretrained_resnet.py",
@@ -41,6 +42,7 @@ EXTRA_PROJECT_FILES = {
     ],
     "speech": [
         "src/{package}/speech.py",
+        "src/{package}/config/speech.py",
         "src/{package}/model/conformer.py",
         "src/{package}/data/speech.py",
         "src/{package}/data/wav.py",

@@ -17,16 +17,9 @@ from sklearn import metrics as skm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from {{ cookiecutter.package }} import finetune
-from {{ cookiecutter.package }}.config import (
-    FinetuneConfig,
-    FinetuneDataConfig,
-    GenerateConfig,
-    LoraSettings,
-    OptimConfig,
-    SampleConfig,
-    TrainConfig,
-    parse_config,
-)
+from {{ cookiecutter.package }}.config import LoraSettings, OptimConfig, SampleConfig, TrainConfig, parse_config
+from {{ cookiecutter.package }}.config.finetune import FinetuneConfig, FinetuneDataConfig
+from {{ cookiecutter.package }}.config.generate import GenerateConfig
 from {{ cookiecutter.package }}.data import sft as sft_data
 from {{ cookiecutter.package }}.lora import load_adapter
 
@@ -296,8 +289,8 @@ def test_shipped_finetune_configs_parse(task):
     cli, _ = parse_config(FinetuneConfig, ["--task", task, "--lora.target_modules", "[all-linear]", "--lora.r", "4"])
     assert cli.name == f"finetune-{task}" and cli.lora.target_modules == ["all-linear"] and cli.lora.r == 4
     assert parse_config(FinetuneConfig, [])[0].lora.target_modules is None  # per-architecture default
-    gen, _ = parse_config(GenerateConfig, ["--prompt", "Hi", "--chat", "true", "--temperature", "0"])
-    assert gen.chat is True and gen.adapter is None
+    gen, _ = parse_config(GenerateConfig, ["--prompt", "Hi", "--chat", "always", "--temperature", "0"])
+    assert gen.chat == "always" and gen.adapter is None
 
 
 def test_attached_debugger_trains_without_workers(tmp_path, ft_hf_dir, sft_file, monkeypatch, capsys):

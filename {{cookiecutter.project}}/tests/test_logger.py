@@ -106,6 +106,18 @@ def test_grad_health_writes_per_module_series_to_tensorboard(tiny_model, tiny_tr
     assert 0 < ratio < 1  # AdamW moved the weights, by a small fraction of their size
 
 
+def test_grad_stats_off_writes_no_per_module_series(tiny_model, tiny_train_config, pattern_tokens, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = dataclasses.replace(tiny_train_config, max_steps=2, logger="tensorboard", grad_stats=False)
+    _health_run(tiny_model, cfg, pattern_tokens, tmp_path)
+    events = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"histograms": 0, "scalars": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert "train/loss" in scalars and not events.Tags()["histograms"]
+    assert not [tag for tag in scalars if tag.startswith(("grad_norm/", "weight_norm/", "update_ratio/"))]
+
+
 def test_zeroed_layer_triggers_the_vanishing_warning_naming_it(
     tiny_model, tiny_train_config, pattern_tokens, tmp_path, capsys
 ):

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cli import run_cli
-from .config import ConfigError, DebugConfig, FinetuneConfig
+from .config import ConfigError, DebugConfig
+from .config.finetune import FinetuneConfig
 from .data import batches
 from .data import classify as cls_data
 from .data import sft as sft_data

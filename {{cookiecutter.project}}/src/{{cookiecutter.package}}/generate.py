@@ -4,7 +4,7 @@ One path for every model: the model is a transformers directory (by default what
 ``runs/pretrain/hf``; a fine-tune's merged ``hf/``; any local causal LM) or a run directory holding one, loaded with
 ``AutoModelForCausalLM``; ``--adapter`` puts a LoRA adapter from ``finetune`` on top (peft), and transformers'
 ``generate`` samples. With an SFT adapter the prompt is rendered with the same chat / plain template as in training
-(``--chat`` forces it on or off); the template's end-of-turn token stops generation.
+(``--chat always`` / ``never`` decides instead); the template's end-of-turn token stops generation.
 
     python -m <package>.generate --prompt "MACBETH." --temperature 0.8 --top_k 50
     python -m <package>.generate --adapter runs/finetune-sft/adapter --prompt "Who speaks these lines? ..."
@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from .cli import run_cli
-from .config import ConfigError, DebugConfig, GenerateConfig
+from .config import ConfigError, DebugConfig
+from .config.generate import GenerateConfig
 from .data import sft as sft_data
 from .lora import generate_ids, load_adapter, load_model, pretrain_export_dir
 from .train.distributed import resolve_device
@@ -73,7 +74,7 @@ def run(cfg: GenerateConfig, dbg: DebugConfig | None = None) -> str:
 
     start_debugger(dbg)
     model, tokenizer = load_for_generation(cfg, dbg.debug)
-    chat = cfg.chat if cfg.chat is not None else cfg.adapter is not None
+    chat = cfg.chat == "always" or (cfg.chat == "auto" and cfg.adapter is not None)
     if chat:
         ids = sft_data.prompt_ids(cfg.prompt, tokenizer)
         stop = sft_data.stop_token_ids(tokenizer)

@@ -27,7 +27,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .config import ConfigError, LoraSettings, PretrainConfig, parse_config
+from .config import ConfigError, LoraSettings, parse_config
+from .config.pretrain import PretrainConfig
 from .model.lm import LlamaLM
 
 Task = Literal["sft", "classify"]

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from .cli import run_cli
-from .config import ConfigError, DebugConfig, PretrainConfig, SampleConfig
+from .config import ConfigError, DebugConfig, SampleConfig
+from .config.pretrain import PretrainConfig
 from .runtime import training_run
 from .train.distributed import barrier, unwrap
 from .train.loop import Job, evaluate_loss, fit

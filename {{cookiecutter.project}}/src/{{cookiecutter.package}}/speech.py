@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from .cli import run_cli
-from .config import ConfigError, DebugConfig, SpeechConfig
+from .config import ConfigError, DebugConfig
+from .config.speech import SpeechConfig
 from .data.batches import ExampleBatches, iter_batches
 from .data.classify import LabelMap
 from .data.speech import SpeechData, load_speech, speech_collate

@@ -29,7 +29,8 @@ from typing import Any
 from torch import nn
 
 from .cli import run_cli
-from .config import ConfigError, DebugConfig, VisionConfig
+from .config import ConfigError, DebugConfig
+from .config.vision import VisionConfig
 from .data import images
 from .data.batches import ExampleBatches, iter_batches
 from .data.classify import LabelMap

@@ -5,7 +5,7 @@ Three pieces, all used by :func:`.loop.fit`:
 - :class:`StepLog` holds the steps since the device was last read and the clock of that window: ``train_step``
   leaves its numbers on the device, and reading them once per ``log_every`` is what keeps a GPU busy;
 - :class:`GradHealth` measures each module's gradient and weight norms and its update/weight ratio on the steps it is
-  due (``train.grad_stats_every``), and warns when gradients vanish or explode;
+  due (every log step, unless ``train.grad_stats`` is off), and warns when gradients vanish or explode;
 - :class:`RunLogger` turns the records into output, on rank 0 only (every method is a no-op elsewhere): TensorBoard
   and/or Weights & Biases (``train.logger``), the progress bar, log lines and ``metrics.jsonl``.
 

@@ -281,7 +281,7 @@ def fit(
     logger = RunLogger(
         run_dir, cfg, start, main=get_rank() == 0, progress=True, config=config_to_dict(job.config), unit=job.unit
     )
-    health = GradHealth(raw, cfg.log_every if cfg.grad_stats_every is None else cfg.grad_stats_every)
+    health = GradHealth(raw, cfg.log_every if cfg.grad_stats else 0)
     compiling = is_compiled(model)  # its first step compiles the model: logged as such, not as throughput
     anomaly = torch.autograd.detect_anomaly(check_nan=True) if cfg.detect_anomaly else contextlib.nullcontext()
     history: list[dict] = []
