@@ -79,7 +79,11 @@ class ClassifierWithLoss(nn.Module):
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, K]
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.float(), labels, weight=self.class_weights)
+            # The class-weighted losses averaged over the examples, not over their summed weights (torch's weighted
+            # mean): the mean train_step expects (count_targets), so a step's split into micro-batches and ranks
+            # leaves it alone. Without weights the two are the same.
+            losses = F.cross_entropy(logits.float(), labels, weight=self.class_weights, reduction="none")
+            loss = losses.sum() / labels.ne(-100).sum()
         return ClassifierOutput(logits=logits, loss=loss)
 
 
