@@ -14,7 +14,7 @@ from {{ cookiecutter.package }}.data.corpus import TokenWindows
 from {{ cookiecutter.package }}.runtime import resolve_start
 from {{ cookiecutter.package }}.train.logger import GradHealth, RunLogger, StepLog
 from {{ cookiecutter.package }}.train.loop import RunSetup, fit
-from {{ cookiecutter.package }}.train.step import NonFiniteLossError, StepResult, train_step
+from {{ cookiecutter.package }}.train.step import NonFiniteError, StepResult, train_step
 
 
 def _result(loss: float, grad_norm: float = 1.0, tokens: int = 64) -> StepResult:
@@ -42,7 +42,7 @@ def test_step_log_stops_at_the_first_skipped_step():
         log.add(step, _result(loss))
     records = log.read()
     assert [r["step"] for r in records] == [1, 2]  # up to and including the bad one, nothing after it
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 2"):
+    with pytest.raises(NonFiniteError, match=r"non-finite loss \(nan\) at step 2"):
         log.raise_if_failed()
 
 

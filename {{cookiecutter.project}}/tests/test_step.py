@@ -17,7 +17,7 @@ from {{ cookiecutter.package }}.data.corpus import TokenWindows
 from {{ cookiecutter.package }}.train import loop
 from {{ cookiecutter.package }}.train import step as step_module
 from {{ cookiecutter.package }}.train.step import (
-    NonFiniteLossError,
+    NonFiniteError,
     StepResult,
     count_targets,
     count_tokens,
@@ -167,7 +167,7 @@ def test_non_finite_loss_stops_before_the_update():
     # An optimizer without found_inf support: train_step checks on the host and raises before the update.
     model = _NaNModel()
     opt = torch.optim.AdamW(model.parameters(), lr=0.1, foreach=True)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 7"):
+    with pytest.raises(NonFiniteError, match=r"non-finite loss \(nan\) at step 7"):
         train_step(model, _split(_batch(2), 2), opt, None, grad_clip=1.0, autocast=contextlib.nullcontext(), step=7)
     assert torch.equal(model.w.detach(), torch.ones(3))
     assert not opt.state and model.w.grad is None  # no optimizer step, gradients dropped
@@ -196,7 +196,7 @@ def test_fused_adamw_skips_a_non_finite_update_on_the_device(model_cls, message)
     assert torch.equal(model.w.detach(), before)  # found_inf: the fused kernel left the weights alone
     state = opt.state[model.w]
     assert float(state["step"]) == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
-    with pytest.raises(NonFiniteLossError, match=message):
+    with pytest.raises(NonFiniteError, match=message):
         result.check_finite(7)
     if model_cls is _InfGradModel:  # away from w = 0 the gradient is finite: the next update goes through
         with torch.no_grad():

@@ -94,7 +94,7 @@ class StepLog:
         return records
 
     def raise_if_failed(self) -> None:
-        """Raise NonFiniteLossError for the skipped step :meth:`read` found, if any."""
+        """Raise NonFiniteError for the skipped step :meth:`read` found, if any."""
         if self.failed is not None:
             step, result = self.failed
             result.check_finite(step)

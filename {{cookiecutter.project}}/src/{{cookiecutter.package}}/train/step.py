@@ -17,8 +17,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The loss or the gradient norm became NaN/Inf; that update was skipped, so the weights are still finite."""
+class NonFiniteError(FloatingPointError):
+    """The one error for NaN/Inf in training: a step's loss or gradient norm (that update was skipped, so the weights
+    are still finite), or under ``--break-on-nonfinite`` the first non-finite activation, loss or gradient
+    (:class:`..debug.NonFiniteGuard`). Entry points turn it into one line on stderr and exit code 1."""
 
 
 @dataclass
@@ -33,12 +35,12 @@ class StepResult:
     finite: Tensor  # bool scalar: False = loss or grad norm was NaN/Inf and the update was skipped
 
     def check_finite(self, step: int) -> None:
-        """Raise :class:`NonFiniteLossError` if this update was skipped (reads the device: call at log time)."""
+        """Raise :class:`NonFiniteError` if this update was skipped (reads the device: call at log time)."""
         if bool(self.finite):
             return
         loss, grad_norm = float(self.loss), float(self.grad_norm)
         what = f"loss ({loss})" if not math.isfinite(loss) else f"gradient norm ({grad_norm}) (loss {loss:.4f})"
-        raise NonFiniteLossError(
+        raise NonFiniteError(
             f"non-finite {what} at step {step}: that update was skipped and training stopped, the weights and every "
             "checkpoint are from finite steps (lower optim.lr, check the data, or rerun with --break-on-nonfinite "
             "to find the first bad module)"
@@ -129,7 +131,7 @@ def train_step(
             ``GradHealth.capture_gradients`` on the steps whose gradients are inspected.
 
     Raises:
-        NonFiniteLossError: only for optimizers without ``found_inf`` support (see above), before their update.
+        NonFiniteError: only for optimizers without ``found_inf`` support (see above), before their update.
     """
     if not micro_batches:
         raise ValueError("train_step needs at least one micro-batch")
