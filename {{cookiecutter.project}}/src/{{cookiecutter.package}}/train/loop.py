@@ -39,7 +39,8 @@ from .distributed import (
     unwrap,
 )
 from .flops import peak_flops
-from .logger import GradHealth, RunLogger, StepLog
+from .health import GradHealth
+from .logger import RunLogger, StepLog
 from .optim import build_optimizer, build_scheduler
 from .state import rng_state
 from .step import train_step
@@ -276,7 +277,7 @@ def fit(
     logger = RunLogger(
         run_dir, cfg, start, main=get_rank() == 0, progress=True, config=config_to_dict(job.config), unit=job.unit
     )
-    health = GradHealth(raw, cfg.log_every if cfg.grad_stats else 0)
+    health = GradHealth(raw, optimizer, cfg.log_every if cfg.grad_stats else 0)
     compiling = is_compiled(model)  # its first step compiles the model: logged as such, not as throughput
     anomaly = torch.autograd.detect_anomaly(check_nan=True) if cfg.detect_anomaly else contextlib.nullcontext()
     history: list[dict] = []
