@@ -79,7 +79,11 @@ class ClassifierWithLoss(nn.Module):
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, K]
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.float(), labels, weight=self.class_weights)
+            # The class-weighted losses averaged over the examples, not over their summed weights (torch's weighted
+            # mean): the mean train_step expects (count_targets), so a step's split into micro-batches and ranks
+            # leaves it alone. Without weights the two are the same.
+            losses = F.cross_entropy(logits.float(), labels, weight=self.class_weights, reduction="none")
+            loss = losses.sum() / labels.ne(-100).sum()
         return ClassifierOutput(logits=logits, loss=loss)
 
 
@@ -312,13 +316,15 @@ def run(cfg: FinetuneConfig, dbg: DebugConfig | None = None) -> dict:
 
         result: dict[str, Any] = {}
         if info.is_main:
-            result = finish(cfg, run_dir, model, tokenizer, data, history, base, (trainable, total), evaluate_fn)
+            counts, autocast = (trainable, total), run.setup.autocast
+            result = finish(cfg, run_dir, model, tokenizer, data, history, base, counts, evaluate_fn, autocast)
         barrier()
         return result
 
 
-def finish(cfg, run_dir, model, tokenizer, data, history, base, counts, evaluate_fn) -> dict:
-    """Save the adapter (+ tokenizer, label map), evaluate on the whole validation set, write metrics, merge."""
+def finish(cfg, run_dir, model, tokenizer, data, history, base, counts, evaluate_fn, autocast) -> dict:
+    """Save the adapter (+ tokenizer, label map), evaluate on the whole validation set (under the training run's
+    ``autocast``, as fit's evaluations were), write metrics, merge."""
     peft_model = peft_model_of(model)
     adapter_dir = run_dir / ADAPTER_DIR
     peft_model.save_pretrained(str(adapter_dir))
@@ -337,7 +343,8 @@ def finish(cfg, run_dir, model, tokenizer, data, history, base, counts, evaluate
     if data.val:
         raw_model.eval()
         device = next(raw_model.parameters()).device
-        result["eval"] = evaluate_fn(raw_model, data, cfg.train.batch_size, device)
+        with autocast:
+            result["eval"] = evaluate_fn(raw_model, data, cfg.train.batch_size, device)
         raw_model.train()
     report_final(run_dir, result, cfg.train.logger)
 

@@ -117,8 +117,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping (the norm is still reported)
     log_every: int = 10  # TensorBoard scalars + one log line every N steps (the progress bar updates every step)
     # per-module gradient/weight norms, update/weight ratios and vanishing/exploding warnings on every log step and at
-    # the end. Costs nothing on the other steps; on its steps it holds a copy of the trainable weights for the update
-    # ratio (turn it off for a model near the memory limit).
+    # the end. Costs nothing on the other steps and, on its steps, about one more optimizer step's worth of
+    # elementwise work (no copy of the weights: the update comes from AdamW's state).
     grad_stats: bool = True
     eval_every: int = 100  # evaluate (loss, perplexity) and sample every N steps and at the end; 0 = only at the end
     eval_batches: int = 20  # batches per evaluation
