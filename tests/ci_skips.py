@@ -15,7 +15,7 @@ import pytest
 # entry is a check CI will never run.
 CI_ALLOWED_SKIPS: dict[str, str] = {
     # Not a check: it prints the first-breakpoint times of the debugger tests, and has none when they are deselected.
-    "tests/test_debugger.py::test_timings_are_reported": "reports timings only, none when the debugger tests are deselected",
+    "tests/test_debugger.py::test_timings_are_reported": "reports timings only, none when those tests are deselected",
 }
 
 
