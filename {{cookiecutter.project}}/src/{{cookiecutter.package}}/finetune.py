@@ -51,7 +51,7 @@ from .lora import (
 )
 from .metrics import TokenLossMeter, perplexity, scalar_metrics
 from .model.transformer import ClassifierOutput
-from .runtime import check_resume_labels, training_run
+from .runtime import RunContext, check_resume_labels, training_run
 from .train.distributed import barrier, resolve_device, unwrap, wrap_ddp
 from .train.logger import history_result, report_final
 from .train.loop import Job, evaluate_classifier, fit, to_device
@@ -255,33 +255,7 @@ def run(cfg: FinetuneConfig, dbg: DebugConfig | None = None) -> dict:
         check_resume_labels(run.resume_from, labels)
         run.start(cfg)
 
-        if base is None:
-            base = build_tiny_base(run_dir / "base", cfg.data.max_seq_len) if info.is_main else None
-            barrier()
-            base = base or str(run_dir / "base")
-        model, tokenizer = load_model(
-            base, cfg.task, labels=labels, settings=cfg.lora, trust_remote_code=cfg.trust_remote_code
-        )
-        max_len = cfg.data.max_seq_len
-        limit = getattr(model.config, "max_position_embeddings", None)
-        if limit and max_len > limit:
-            print(f"notice: data.max_seq_len={max_len} -> {limit} (the model's max_position_embeddings)")
-            max_len = limit
-        data = encode_data(cfg, raw, tokenizer, max_len)
-
-        model = apply_lora(model, cfg.lora, cfg.task)
-        trainable, total = count_parameters(model)
-        if info.is_main:
-            print(f"model: {base}  trainable {trainable:,} / {total:,} parameters ({100 * trainable / total:.2f}%)")
-            unit = "windows" if cfg.data.packing else "examples"
-            print(f"data: {len(data.train)} training {unit}, {len(data.val)} validation examples")
-        if cfg.task == "classify":
-            model = ClassifierWithLoss(model, data.class_weights)
-        if cfg.lora.qlora:  # a 4-bit model is placed by its device_map; bitsandbytes' layers stay eager
-            print("compile: off (QLoRA: bitsandbytes 4-bit layers run eager)", file=sys.stderr)
-            model = wrap_ddp(model, info)
-        else:
-            model = run.wrap(model.to(info.device), cfg.train.compile)
+        model, tokenizer, data, counts, base = build_model(cfg, run, base, raw, labels)
 
         run.save_config(cfg)
         if info.is_main and labels is not None:
@@ -316,10 +290,45 @@ def run(cfg: FinetuneConfig, dbg: DebugConfig | None = None) -> dict:
 
         result: dict[str, Any] = {}
         if info.is_main:
-            counts, autocast = (trainable, total), run.setup.autocast
+            autocast = run.setup.autocast
             result = finish(cfg, run_dir, model, tokenizer, data, history, base, counts, evaluate_fn, autocast)
         barrier()
         return result
+
+
+def build_model(cfg: FinetuneConfig, run: RunContext, base: str | None, raw: tuple, labels: list[str] | None):
+    """The base model (a tiny one pretrained here when none is named) with LoRA, its tokenizer and the encoded data;
+    the model on the run's device, wrapped (DDP, compile) as configured. Returns ``model, tokenizer, data,
+    (trainable, total) parameters, base``."""
+    info, run_dir = run.info, run.run_dir
+    if base is None:
+        base = build_tiny_base(run_dir / "base", cfg.data.max_seq_len) if info.is_main else None
+        barrier()
+        base = base or str(run_dir / "base")
+    model, tokenizer = load_model(
+        base, cfg.task, labels=labels, settings=cfg.lora, trust_remote_code=cfg.trust_remote_code
+    )
+    max_len = cfg.data.max_seq_len
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and max_len > limit:
+        print(f"notice: data.max_seq_len={max_len} -> {limit} (the model's max_position_embeddings)")
+        max_len = limit
+    data = encode_data(cfg, raw, tokenizer, max_len)
+
+    model = apply_lora(model, cfg.lora, cfg.task)
+    trainable, total = counts = count_parameters(model)
+    if info.is_main:
+        print(f"model: {base}  trainable {trainable:,} / {total:,} parameters ({100 * trainable / total:.2f}%)")
+        unit = "windows" if cfg.data.packing else "examples"
+        print(f"data: {len(data.train)} training {unit}, {len(data.val)} validation examples")
+    if cfg.task == "classify":
+        model = ClassifierWithLoss(model, data.class_weights)
+    if cfg.lora.qlora:  # a 4-bit model is placed by its device_map; bitsandbytes' layers stay eager
+        print("compile: off (QLoRA: bitsandbytes 4-bit layers run eager)", file=sys.stderr)
+        model = wrap_ddp(model, info)
+    else:
+        model = run.wrap(model.to(info.device), cfg.train.compile)
+    return model, tokenizer, data, counts, base
 
 
 def finish(cfg, run_dir, model, tokenizer, data, history, base, counts, evaluate_fn, autocast) -> dict:
