@@ -17,6 +17,8 @@ their optimizer state are checkpointed; ``--train.resume auto`` wraps a fresh ba
 Run directory ``<out_dir>/<name>/``: ``config.yaml``, ``checkpoints/``, ``tb/``, ``metrics.jsonl`` (per step),
 ``metrics.json`` (final evaluation), ``adapter/`` (adapter_config.json + adapter_model.safetensors + tokenizer),
 ``label_map.json`` (classify), and with ``--merge true`` ``hf/`` (a standalone model with the adapter merged in).
+After SFT both ``adapter/`` and ``hf/`` carry a ``generation_config.json`` whose ``eos_token_id`` lists eos and the chat
+template's end of turn, so that transformers' ``generate`` stops a reply where ours does.
 
 Exit codes: 0 done, 2 bad input (config, data, model path, QLoRA without CUDA, existing run), 1 non-finite loss.
 """
@@ -48,6 +50,7 @@ from .lora import (
     merge_and_save,
     pretrain_defaults,
     pretrain_export_dir,
+    save_stop_ids,
 )
 from .metrics import TokenLossMeter, perplexity, scalar_metrics
 from .model.transformer import ClassifierOutput
@@ -338,6 +341,9 @@ def finish(cfg, run_dir, model, tokenizer, data, history, base, counts, evaluate
     adapter_dir = run_dir / ADAPTER_DIR
     peft_model.save_pretrained(str(adapter_dir))
     tokenizer.save_pretrained(str(adapter_dir))
+    stop_ids = sft_data.stop_token_ids(tokenizer) if cfg.task == "sft" else None
+    if stop_ids:  # for peft users: the base model's generation config knows eos, not the template's end of turn
+        save_stop_ids(adapter_dir, stop_ids)
     if data.labels is not None:
         cls_data.LabelMap(data.labels).save(adapter_dir)
 
@@ -358,7 +364,7 @@ def finish(cfg, run_dir, model, tokenizer, data, history, base, counts, evaluate
     report_final(run_dir, result, cfg.train.logger)
 
     if cfg.merge:
-        out = merge_and_save(peft_model, run_dir / MERGED_DIR, tokenizer)
+        out = merge_and_save(peft_model, run_dir / MERGED_DIR, tokenizer, stop_ids)
         print(f"merged model written to {out}", flush=True)
     return result
 
