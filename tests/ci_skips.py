@@ -13,7 +13,10 @@ import pytest
 
 # Test ids (without parameters) that may skip under CI=true, each with the reason it is allowed. Keep it short: an
 # entry is a check CI will never run.
-CI_ALLOWED_SKIPS: dict[str, str] = {}
+CI_ALLOWED_SKIPS: dict[str, str] = {
+    # Not a check: it prints the first-breakpoint times of the debugger tests, and has none when they are deselected.
+    "tests/test_debugger.py::test_timings_are_reported": "reports timings only, none when those tests are deselected",
+}
 
 
 def skip_is_allowed(nodeid: str) -> bool:

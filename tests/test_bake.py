@@ -35,7 +35,13 @@ ALWAYS = {
 }
 PACKAGE_MODULES = [
     "__init__.py",
-    "config.py",
+    "config/__init__.py",
+    "config/base.py",
+    "config/parse.py",
+    "config/pretrain.py",
+    "config/finetune.py",
+    "config/generate.py",
+    "config/profiles/debug.yaml",
     "cli.py",
     "debug.py",
     "metrics.py",

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from {{ cookiecutter.package }} import generate
-from {{ cookiecutter.package }}.config import GenerateConfig, LoraSettings
-from {{ cookiecutter.package }}.data.sft import prompt_ids
+from {{ cookiecutter.package }}.config import LoraSettings
+from {{ cookiecutter.package }}.config.generate import GenerateConfig
+from {{ cookiecutter.package }}.data.sft import prompt_ids, stop_token_ids
 from {{ cookiecutter.package }}.lora import apply_lora, load_model
 from {{ cookiecutter.package }}.model.hf import import_hf
 
@@ -48,8 +49,19 @@ def test_sft_adapter_uses_the_training_template(tmp_path, ft_hf_dir, capsys):
     expected = model.eval().generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
                                      do_sample=False, eos_token_id=[0, 3], pad_token_id=tok.pad_token_id)  # fmt: skip
     assert text == "Who speaks?\n" + tok.decode(expected[0, ids.shape[1] :], skip_special_tokens=True)
-    plain = generate.run(_cfg(ft_hf_dir, adapter=str(tmp_path / "sft"), prompt="Who speaks?", chat=False))
+    plain = generate.run(_cfg(ft_hf_dir, adapter=str(tmp_path / "sft"), prompt="Who speaks?", chat="never"))
     assert plain != text
+
+
+def test_chat_always_renders_the_template_without_an_adapter(ft_hf_dir):
+    text = generate.run(_cfg(ft_hf_dir, prompt="Who speaks?", chat="always"))
+    model, tok = load_model(ft_hf_dir, "sft")
+    ids = torch.tensor([prompt_ids("Who speaks?", tok)])
+    stop = stop_token_ids(tok)
+    expected = model.eval().generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                     do_sample=False, eos_token_id=stop, pad_token_id=tok.pad_token_id)  # fmt: skip
+    assert text == "Who speaks?\n" + tok.decode(expected[0, ids.shape[1] :], skip_special_tokens=True)
+    assert text != generate.run(_cfg(ft_hf_dir, prompt="Who speaks?"))  # auto: no adapter, no template
 
 
 def _expect_exit(capsys, argv, match):

@@ -6,6 +6,7 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from {{ cookiecutter.package }}.config import ModelConfig
 from {{ cookiecutter.package }}.model.lm import LOSS_CHUNKS, LlamaLM, chunked_cross_entropy, linear_cross_entropy
@@ -127,6 +128,26 @@ def test_linear_cross_entropy_computes_only_the_gradients_asked_for():
     assert h.grad is not None and head.weight.grad is None
     with torch.no_grad():  # evaluation: the loss alone
         torch.testing.assert_close(linear_cross_entropy(h, head.weight, targets), F.cross_entropy(head(h), targets))
+
+
+def _matmul_flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def test_loss_under_no_grad_costs_only_the_logits_matmuls():
+    """Evaluation of trainable weights: under no_grad the fused loss computes as many matmul FLOPs as the logits
+    alone, not the [V, C] weight and [N, C] input gradients it computes in forward when training."""
+    model, ids = tiny_lm(), torch.randint(0, 61, (2, 16))
+    with torch.no_grad():
+        assert _matmul_flops(lambda: model(input_ids=ids, labels=ids)) == _matmul_flops(lambda: model(input_ids=ids))
+    targets = torch.randint(0, 11, (40,))
+    h, head, _, _ = _ce_pair(40, targets)  # both require grad
+    logits = 2 * 40 * 8 * 11
+    with torch.no_grad():
+        assert _matmul_flops(lambda: linear_cross_entropy(h, head.weight, targets)) == logits
+    assert _matmul_flops(lambda: linear_cross_entropy(h, head.weight, targets)) == 3 * logits  # the counter sees them
 
 
 def test_lora_on_lm_head_goes_through_the_module():

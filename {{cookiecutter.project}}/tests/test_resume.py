@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from {{ cookiecutter.package }} import pretrain
-from {{ cookiecutter.package }}.config import ConfigError, FinetuneConfig, OptimConfig
+from {{ cookiecutter.package }}.config import ConfigError, OptimConfig
+from {{ cookiecutter.package }}.config.finetune import FinetuneConfig
 from {{ cookiecutter.package }}.data.corpus import EvalWindows, TokenWindows
 from {{ cookiecutter.package }}.model.lm import LlamaLM
 from {{ cookiecutter.package }}.runtime import check_resume_labels, resolve_start
@@ -145,7 +146,7 @@ def test_pretrain_refuses_a_named_damaged_checkpoint_and_auto_falls_back(tmp_pat
     capsys.readouterr()
 
     with pytest.raises(SystemExit) as refused:
-        pretrain.main([*pretrain_args, "--train.resume", str(newest)])
+        pretrain.main([*pretrain_args, "--train.resume_from", str(newest)])
     err = capsys.readouterr().err.splitlines()
     assert refused.value.code == 2 and len(err) == 1
     assert re.fullmatch(rf"error: damaged checkpoint {re.escape(str(newest))}: {problem} \(.+\)", err[0])
@@ -176,7 +177,7 @@ def test_pretrain_cli_exits_2_on_a_named_damaged_checkpoint(tmp_path, pretrain_a
     newest = tmp_path / "runs" / "tiny" / "checkpoints" / "step-000008"
     size = (newest / "model.safetensors").stat().st_size
     (newest / "model.safetensors").write_bytes(b"")
-    cmd = [sys.executable, "-m", f"{package_name}.pretrain", *pretrain_args, "--train.resume", str(newest)]
+    cmd = [sys.executable, "-m", f"{package_name}.pretrain", *pretrain_args, "--train.resume_from", str(newest)]
     proc = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines() == [
@@ -192,7 +193,7 @@ def test_finetune_label_check_refuses_a_named_damaged_checkpoint(tmp_path, tiny_
     run_dir = tmp_path / "runs" / "ft"
     path = ckpt.save_checkpoint(run_dir / "checkpoints", 3, tiny_model, extra={"labels": ["neg", "pos"]})
     cfg = FinetuneConfig(task="classify", name="ft", out_dir=str(tmp_path / "runs"))
-    cfg.train.resume = str(path)
+    cfg.train.resume_from = str(path)
     check_resume_labels(resolve_start(run_dir, cfg.train), ["neg", "pos"])  # intact, same labels: accepted
     with pytest.raises(ConfigError, match=r"checkpoint labels \['neg', 'pos'\] differ from the data's labels"):
         check_resume_labels(resolve_start(run_dir, cfg.train), ["pos", "neg"])

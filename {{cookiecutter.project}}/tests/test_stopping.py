@@ -17,14 +17,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from {{ cookiecutter.package }} import pretrain
-from {{ cookiecutter.package }}.config import (
-    ConfigError,
-    EarlyStoppingConfig,
-    OptimConfig,
-    PretrainConfig,
-    TrainConfig,
-    parse_config,
-)
+from {{ cookiecutter.package }}.config import ConfigError, EarlyStoppingConfig, OptimConfig, TrainConfig, parse_config
+from {{ cookiecutter.package }}.config.pretrain import PretrainConfig
 from {{ cookiecutter.package }}.model.transformer import ClassifierOutput
 from {{ cookiecutter.package }}.train import checkpoint as ckpt
 from {{ cookiecutter.package }}.train.loop import Job, RunSetup, evaluate_classifier, fit

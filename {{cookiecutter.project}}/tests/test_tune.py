@@ -20,7 +20,9 @@ from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, Jou
 from optuna.trial import TrialState
 
 from {{ cookiecutter.package }} import tune
-from {{ cookiecutter.package }}.config import DebugConfig, FinetuneConfig, PretrainConfig, parse_config
+from {{ cookiecutter.package }}.config import DebugConfig, parse_config
+from {{ cookiecutter.package }}.config.finetune import FinetuneConfig
+from {{ cookiecutter.package }}.config.pretrain import PretrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 LR = {"low": 1.0e-3, "high": 1.0e-2, "log": True}

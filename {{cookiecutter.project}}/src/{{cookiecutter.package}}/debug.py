@@ -29,16 +29,13 @@ import torch
 from torch import nn
 
 from .config import fail  # bad debugger flags are bad input: one line on stderr, exit code 2
+from .train.step import NonFiniteError
 
 if TYPE_CHECKING:
     from .config import DebugConfig
 
 DEFAULT_HOST = "127.0.0.1"
 INJECT_NAN_ENV = f"{__name__.split('.')[0].upper()}_INJECT_NAN_AT"
-
-
-class NonFiniteError(RuntimeError):
-    """A NaN or Inf appeared in an activation, the loss or a gradient."""
 
 
 def parse_address(value: str, default_host: str = DEFAULT_HOST) -> tuple[str, int]:

@@ -17,6 +17,8 @@ their optimizer state are checkpointed; ``--train.resume auto`` wraps a fresh ba
 Run directory ``<out_dir>/<name>/``: ``config.yaml``, ``checkpoints/``, ``tb/``, ``metrics.jsonl`` (per step),
 ``metrics.json`` (final evaluation), ``adapter/`` (adapter_config.json + adapter_model.safetensors + tokenizer),
 ``label_map.json`` (classify), and with ``--merge true`` ``hf/`` (a standalone model with the adapter merged in).
+After SFT both ``adapter/`` and ``hf/`` carry a ``generation_config.json`` whose ``eos_token_id`` lists eos and the chat
+template's end of turn, so that transformers' ``generate`` stops a reply where ours does.
 
 Exit codes: 0 done, 2 bad input (config, data, model path, QLoRA without CUDA, existing run), 1 non-finite loss.
 """
@@ -34,7 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cli import run_cli
-from .config import ConfigError, DebugConfig, FinetuneConfig
+from .config import ConfigError, DebugConfig
+from .config.finetune import FinetuneConfig
 from .data import batches
 from .data import classify as cls_data
 from .data import sft as sft_data
@@ -47,10 +50,11 @@ from .lora import (
     merge_and_save,
     pretrain_defaults,
     pretrain_export_dir,
+    save_stop_ids,
 )
 from .metrics import CLASSIFIER_METRICS, LOSS_METRICS, TokenLossMeter, perplexity, scalar_metrics
 from .model.transformer import ClassifierOutput
-from .runtime import check_resume_labels, training_run
+from .runtime import RunContext, check_resume_labels, training_run
 from .train.distributed import barrier, resolve_device, unwrap, wrap_ddp
 from .train.logger import history_result, report_final
 from .train.loop import Job, evaluate_classifier, fit, to_device
@@ -78,7 +82,11 @@ class ClassifierWithLoss(nn.Module):
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, K]
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.float(), labels, weight=self.class_weights)
+            # The class-weighted losses averaged over the examples, not over their summed weights (torch's weighted
+            # mean): the mean train_step expects (count_targets), so a step's split into micro-batches and ranks
+            # leaves it alone. Without weights the two are the same.
+            losses = F.cross_entropy(logits.float(), labels, weight=self.class_weights, reduction="none")
+            loss = losses.sum() / labels.ne(-100).sum()
         return ClassifierOutput(logits=logits, loss=loss)
 
 
@@ -255,33 +263,7 @@ def run(cfg: FinetuneConfig, dbg: DebugConfig | None = None) -> dict:
         check_resume_labels(run.resume_from, labels)
         run.start(cfg)
 
-        if base is None:
-            base = build_tiny_base(run_dir / "base", cfg.data.max_seq_len) if info.is_main else None
-            barrier()
-            base = base or str(run_dir / "base")
-        model, tokenizer = load_model(
-            base, cfg.task, labels=labels, settings=cfg.lora, trust_remote_code=cfg.trust_remote_code
-        )
-        max_len = cfg.data.max_seq_len
-        limit = getattr(model.config, "max_position_embeddings", None)
-        if limit and max_len > limit:
-            print(f"notice: data.max_seq_len={max_len} -> {limit} (the model's max_position_embeddings)")
-            max_len = limit
-        data = encode_data(cfg, raw, tokenizer, max_len)
-
-        model = apply_lora(model, cfg.lora, cfg.task)
-        trainable, total = count_parameters(model)
-        if info.is_main:
-            print(f"model: {base}  trainable {trainable:,} / {total:,} parameters ({100 * trainable / total:.2f}%)")
-            unit = "windows" if cfg.data.packing else "examples"
-            print(f"data: {len(data.train)} training {unit}, {len(data.val)} validation examples")
-        if cfg.task == "classify":
-            model = ClassifierWithLoss(model, data.class_weights)
-        if cfg.lora.qlora:  # a 4-bit model is placed by its device_map; bitsandbytes' layers stay eager
-            print("compile: off (QLoRA: bitsandbytes 4-bit layers run eager)", file=sys.stderr)
-            model = wrap_ddp(model, info)
-        else:
-            model = run.wrap(model.to(info.device), cfg.train.compile)
+        model, tokenizer, data, counts, base = build_model(cfg, run, base, raw, labels)
 
         run.save_config(cfg)
         if info.is_main and labels is not None:
@@ -318,17 +300,57 @@ def run(cfg: FinetuneConfig, dbg: DebugConfig | None = None) -> dict:
 
         result: dict[str, Any] = {}
         if info.is_main:
-            result = finish(cfg, run_dir, model, tokenizer, data, history, base, (trainable, total), evaluate_fn)
+            autocast = run.setup.autocast
+            result = finish(cfg, run_dir, model, tokenizer, data, history, base, counts, evaluate_fn, autocast)
         barrier()
         return result
 
 
-def finish(cfg, run_dir, model, tokenizer, data, history, base, counts, evaluate_fn) -> dict:
-    """Save the adapter (+ tokenizer, label map), evaluate on the whole validation set, write metrics, merge."""
+def build_model(cfg: FinetuneConfig, run: RunContext, base: str | None, raw: tuple, labels: list[str] | None):
+    """The base model (a tiny one pretrained here when none is named) with LoRA, its tokenizer and the encoded data;
+    the model on the run's device, wrapped (DDP, compile) as configured. Returns ``model, tokenizer, data,
+    (trainable, total) parameters, base``."""
+    info, run_dir = run.info, run.run_dir
+    if base is None:
+        base = build_tiny_base(run_dir / "base", cfg.data.max_seq_len) if info.is_main else None
+        barrier()
+        base = base or str(run_dir / "base")
+    model, tokenizer = load_model(
+        base, cfg.task, labels=labels, settings=cfg.lora, trust_remote_code=cfg.trust_remote_code
+    )
+    max_len = cfg.data.max_seq_len
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and max_len > limit:
+        print(f"notice: data.max_seq_len={max_len} -> {limit} (the model's max_position_embeddings)")
+        max_len = limit
+    data = encode_data(cfg, raw, tokenizer, max_len)
+
+    model = apply_lora(model, cfg.lora, cfg.task)
+    trainable, total = counts = count_parameters(model)
+    if info.is_main:
+        print(f"model: {base}  trainable {trainable:,} / {total:,} parameters ({100 * trainable / total:.2f}%)")
+        unit = "windows" if cfg.data.packing else "examples"
+        print(f"data: {len(data.train)} training {unit}, {len(data.val)} validation examples")
+    if cfg.task == "classify":
+        model = ClassifierWithLoss(model, data.class_weights)
+    if cfg.lora.qlora:  # a 4-bit model is placed by its device_map; bitsandbytes' layers stay eager
+        print("compile: off (QLoRA: bitsandbytes 4-bit layers run eager)", file=sys.stderr)
+        model = wrap_ddp(model, info)
+    else:
+        model = run.wrap(model.to(info.device), cfg.train.compile)
+    return model, tokenizer, data, counts, base
+
+
+def finish(cfg, run_dir, model, tokenizer, data, history, base, counts, evaluate_fn, autocast) -> dict:
+    """Save the adapter (+ tokenizer, label map), evaluate on the whole validation set (under the training run's
+    ``autocast``, as fit's evaluations were), write metrics, merge."""
     peft_model = peft_model_of(model)
     adapter_dir = run_dir / ADAPTER_DIR
     peft_model.save_pretrained(str(adapter_dir))
     tokenizer.save_pretrained(str(adapter_dir))
+    stop_ids = sft_data.stop_token_ids(tokenizer) if cfg.task == "sft" else None
+    if stop_ids:  # for peft users: the base model's generation config knows eos, not the template's end of turn
+        save_stop_ids(adapter_dir, stop_ids)
     if data.labels is not None:
         cls_data.LabelMap(data.labels).save(adapter_dir)
 
@@ -343,12 +365,13 @@ def finish(cfg, run_dir, model, tokenizer, data, history, base, counts, evaluate
     if data.val:
         raw_model.eval()
         device = next(raw_model.parameters()).device
-        result["eval"] = evaluate_fn(raw_model, data, cfg.train.batch_size, device)
+        with autocast:
+            result["eval"] = evaluate_fn(raw_model, data, cfg.train.batch_size, device)
         raw_model.train()
     report_final(run_dir, result, cfg.train.logger)
 
     if cfg.merge:
-        out = merge_and_save(peft_model, run_dir / MERGED_DIR, tokenizer)
+        out = merge_and_save(peft_model, run_dir / MERGED_DIR, tokenizer, stop_ids)
         print(f"merged model written to {out}", flush=True)
     return result
 

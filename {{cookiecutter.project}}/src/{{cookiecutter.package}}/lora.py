@@ -27,7 +27,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .config import ConfigError, LoraSettings, PretrainConfig, parse_config
+from .config import ConfigError, LoraSettings, parse_config
+from .config.pretrain import PretrainConfig
 from .model.lm import LlamaLM
 
 Task = Literal["sft", "classify"]
@@ -249,10 +250,15 @@ def load_model(
     return model, tokenizer
 
 
-def merge_and_save(peft_model: nn.Module, out_dir: str | Path, tokenizer: Any = None) -> Path:
+def merge_and_save(
+    peft_model: nn.Module, out_dir: str | Path, tokenizer: Any = None, stop_ids: list[int] | None = None
+) -> Path:
     """Fold the adapters into the base weights and save a standalone model directory (transformers format).
 
-    Modifies ``peft_model``'s base model in place (the merged weights); call it last.
+    ``stop_ids`` (SFT: :func:`~.data.sft.stop_token_ids`, eos and the chat template's end of turn) become
+    generation_config.json's ``eos_token_id``, so that transformers' ``generate`` (and the serving tools that read
+    that file) stop a reply where ours does. Modifies ``peft_model``'s base model in place (the merged weights); call
+    it last.
     """
     out = Path(out_dir)
     merged = peft_model.merge_and_unload()
@@ -260,11 +266,26 @@ def merge_and_save(peft_model: nn.Module, out_dir: str | Path, tokenizer: Any = 
         from .model.hf import export_hf
 
         export_hf(merged, out, tokenizer)
-        return out
-    merged.save_pretrained(str(out))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
+    else:
+        merged.save_pretrained(str(out))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out))  # with its chat template (chat_template.jinja)
+    if stop_ids:
+        save_stop_ids(out, stop_ids)
     return out
+
+
+def save_stop_ids(model_dir: Path, stop_ids: list[int]) -> None:
+    """Every id that ends a reply as generation_config.json's eos_token_id (a list where there are several, as in
+    Llama 3 Instruct's [<|end_of_text|>, <|eot_id|>]); the rest of the saved generation config is kept."""
+    from transformers import GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(str(model_dir))
+    except OSError:  # the model saved none
+        config = GenerationConfig()
+    config.eos_token_id = stop_ids[0] if len(stop_ids) == 1 else list(stop_ids)
+    config.save_pretrained(str(model_dir))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

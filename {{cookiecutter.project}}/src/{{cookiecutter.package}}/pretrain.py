@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from .cli import run_cli
-from .config import ConfigError, DebugConfig, PretrainConfig, SampleConfig
+from .config import ConfigError, DebugConfig, SampleConfig
+from .config.pretrain import PretrainConfig
 from .metrics import LOSS_METRICS
 from .runtime import training_run
 from .train.distributed import barrier, unwrap
@@ -57,9 +58,49 @@ def reported_metrics(cfg: PretrainConfig) -> tuple[str, ...]:
     return LOSS_METRICS
 
 
+def prepare_data(cfg: PretrainConfig, is_main: bool):
+    """The tokenizer and the packed token shards: rank 0 trains and packs, the other ranks then read its cache."""
+    from .data.corpus import prepare_corpus
+
+    def prepare(log):
+        try:
+            return prepare_corpus(
+                cfg.data.path,
+                tokenizer=cfg.data.tokenizer,
+                vocab_size=cfg.data.vocab_size or cfg.model.vocab_size,
+                cache_dir=cfg.data.cache_dir,
+                val_fraction=cfg.data.val_fraction,
+                text_key=cfg.data.text_key,
+                log=log,
+            )
+        except (FileNotFoundError, ValueError, OSError) as err:
+            raise ConfigError(f"data: {err}") from err
+
+    corpus = prepare(print) if is_main else None
+    barrier()
+    if corpus is None:
+        corpus = prepare(None)
+    if len(corpus.tokenizer) > cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+            f"({len(corpus.tokenizer)} tokens): set --model.vocab_size {len(corpus.tokenizer)} or larger"
+        )
+    return corpus
+
+
+def done_line(history: list[dict], run_dir) -> str:
+    """The closing line: steps, the last training loss, and the evaluation of the weights the run ends with (the
+    best checkpoint's with early stopping, which the line then names)."""
+    last, weights = history[-1], history_result(history).get("weights")
+    final = next(r for r in history if r["step"] == last.get("weights_step", last["step"]))
+    evals = "".join(f"  eval {k[5:]} {final[k]:.4f}" for k in ("eval_loss", "eval_perplexity") if k in final)
+    weights = f"  weights {weights}" if weights else ""
+    return f"done: step {last['step']}  train loss {last['loss']:.4f}{evals}{weights}  run dir {run_dir}"
+
+
 def run(cfg: PretrainConfig, dbg: DebugConfig | None = None) -> list[dict]:
     """Pre-train as configured; returns fit()'s per-step metrics. Raises ConfigError for bad input."""
-    from .data.corpus import EvalWindows, TokenWindows, prepare_corpus
+    from .data.corpus import EvalWindows, TokenWindows
     from .model.lm import LlamaLM
 
     dbg = dbg or DebugConfig()
@@ -67,30 +108,7 @@ def run(cfg: PretrainConfig, dbg: DebugConfig | None = None) -> list[dict]:
         info, run_dir = run.info, run.run_dir
         run.start(cfg)
 
-        # Data: rank 0 trains the tokenizer and packs the tokens; the other ranks then read the cache.
-        def prepare(log):
-            try:
-                return prepare_corpus(
-                    cfg.data.path,
-                    tokenizer=cfg.data.tokenizer,
-                    vocab_size=cfg.data.vocab_size or cfg.model.vocab_size,
-                    cache_dir=cfg.data.cache_dir,
-                    val_fraction=cfg.data.val_fraction,
-                    text_key=cfg.data.text_key,
-                    log=log,
-                )
-            except (FileNotFoundError, ValueError, OSError) as err:
-                raise ConfigError(f"data: {err}") from err
-
-        corpus = prepare(print) if info.is_main else None
-        barrier()
-        if corpus is None:
-            corpus = prepare(None)
-        if len(corpus.tokenizer) > cfg.model.vocab_size:
-            raise ConfigError(
-                f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
-                f"({len(corpus.tokenizer)} tokens): set --model.vocab_size {len(corpus.tokenizer)} or larger"
-            )
+        corpus = prepare_data(cfg, info.is_main)
 
         run.save_config(cfg)
         if info.is_main:
@@ -135,12 +153,7 @@ def run(cfg: PretrainConfig, dbg: DebugConfig | None = None) -> list[dict]:
                 out = export_hf(unwrap(model), run_dir / "hf", corpus.tokenizer)
                 print(f"exported transformers model to {out}", flush=True)
             if history:
-                last, weights = history[-1], history_result(history).get("weights")
-                final = next(r for r in history if r["step"] == last.get("weights_step", last["step"]))  # its eval
-                keys = [k for k in ("eval_loss", "eval_perplexity") if k in final]
-                evals = "".join(f"  eval {k[5:]} {final[k]:.4f}" for k in keys)
-                weights = f"  weights {weights}" if weights else ""
-                print(f"done: step {last['step']}  train loss {last['loss']:.4f}{evals}{weights}  run dir {run_dir}")
+                print(done_line(history, run_dir), flush=True)
         barrier()
         return history
 

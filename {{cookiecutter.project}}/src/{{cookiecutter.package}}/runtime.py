@@ -9,10 +9,10 @@ seeds/determinism/TF32 and the precision (:meth:`RunContext.start`), and compile
 
 ``train.compile: auto`` (the default) compiles on CUDA, where fusing the many small elementwise kernels of a step and
 removing Python overhead pays for the compile time many times over, and stays eager everywhere a person is looking:
-``--debug`` (its profile sets ``compile: false``), ``--break-on-nonfinite`` (its hooks inspect every module's output)
+``--debug`` (its profile sets ``compile: never``), ``--break-on-nonfinite`` (its hooks inspect every module's output)
 and an attached debugger (a breakpoint inside a compiled module does not stop). On a CPU the compile time (a C++
-toolchain, minutes for a real model) is rarely won back in the short runs people do there. ``true`` / ``false`` force
-it either way; a ``--train.compile`` flag beats the ``--debug`` profile like any other flag.
+toolchain, minutes for a real model) is rarely won back in the short runs people do there. ``always`` / ``never``
+force it either way; a ``--train.compile`` flag beats the ``--debug`` profile like any other flag.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import ConfigError, DebugConfig, TrainConfig, config_to_yaml, save_config
+from .config import Auto, ConfigError, DebugConfig, TrainConfig, config_to_yaml, save_config
 from .debug import debugger_attached, start_debugger
 from .train import checkpoint as ckpt
 from .train.distributed import DistInfo, get_rank, init_distributed, notice, teardown, wrap_ddp
@@ -68,7 +68,7 @@ class RunContext:
         if self.info.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
 
-    def wrap(self, model: nn.Module, compile_setting: bool | str, *, fullgraph: bool = False) -> nn.Module:
+    def wrap(self, model: nn.Module, compile_setting: Auto, *, fullgraph: bool = False) -> nn.Module:
         """The model as it trains: compiled when :func:`compile_decision` says so, then DDP under torchrun."""
         return wrap_ddp(
             maybe_compile(model, compile_setting, self.info.device, self.dbg, fullgraph=fullgraph), self.info
@@ -178,14 +178,12 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None) -> context
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def compile_decision(setting: bool | str, device: torch.device, dbg: DebugConfig) -> tuple[bool, str]:
+def compile_decision(setting: Auto, device: torch.device, dbg: DebugConfig) -> tuple[bool, str]:
     """(compile or not, why) for ``train.compile`` = ``setting`` on ``device`` with the debug flags ``dbg``."""
     if dbg.break_on_nonfinite:
         return False, "--break-on-nonfinite inspects every module eagerly"
-    if setting is True or setting == "true":
-        return True, "train.compile true"
-    if setting is False or setting == "false":
-        return False, "train.compile false"
+    if setting != "auto":
+        return setting == "always", f"train.compile {setting}"
     if debugger_attached():
         return False, "a debugger is attached: breakpoints inside a compiled model would not stop"
     if device.type != "cuda":
@@ -194,7 +192,7 @@ def compile_decision(setting: bool | str, device: torch.device, dbg: DebugConfig
 
 
 def maybe_compile(
-    model: nn.Module, setting: bool | str, device: torch.device, dbg: DebugConfig, *, fullgraph: bool = False
+    model: nn.Module, setting: Auto, device: torch.device, dbg: DebugConfig, *, fullgraph: bool = False
 ) -> nn.Module:
     """``torch.compile(model)`` when :func:`compile_decision` says so, else ``model``; one line either way.
 
@@ -207,19 +205,14 @@ def maybe_compile(
     return torch.compile(model, fullgraph=fullgraph) if use else model
 
 
-def resolve_resume(resume: str | Path | None, root: str | Path, log: ckpt.Log = None) -> Path | None:
-    """``None``/``""`` -> no resume; ``"auto"`` -> the newest intact checkpoint under ``root`` (None if there is none:
-    a fresh start); anything else -> that checkpoint directory, or a checkpoints root / run directory whose newest
-    intact one is taken (:func:`.train.checkpoint.newest_intact`; ``log`` gets its notices). The result is verified.
+def named_checkpoint(path: str | Path, log: ckpt.Log = None) -> Path:
+    """``train.resume_from``: that checkpoint directory, or the newest intact checkpoint of a checkpoints root or run
+    directory (:func:`.train.checkpoint.newest_intact`; ``log`` gets its notices); verified either way.
 
     Raises :class:`.train.checkpoint.DamagedCheckpointError` (a :class:`ConfigError`) for a damaged checkpoint named
-    explicitly or a named run without an intact one, and FileNotFoundError for a path without checkpoints.
+    explicitly or a named run without an intact one, and :class:`ConfigError` for a path without checkpoints.
     """
-    if resume is None or str(resume) == "":
-        return None
-    if str(resume) == "auto":
-        return ckpt.newest_intact(root, log)
-    path = Path(resume)
+    path = Path(path)
     if ckpt.is_complete(path):
         ckpt.verify_checkpoint(path, log)
         return path
@@ -228,33 +221,35 @@ def resolve_resume(resume: str | Path | None, root: str | Path, log: ckpt.Log = 
             found = ckpt.newest_intact(candidate_root, log)
             if found is None:
                 raise ckpt.DamagedCheckpointError(
-                    f"train.resume={str(resume)!r}: every checkpoint in {candidate_root} is damaged: restore one "
+                    f"train.resume_from={str(path)!r}: every checkpoint in {candidate_root} is damaged: restore one "
                     "from a copy, or name another checkpoint"
                 )
             return found
-    raise FileNotFoundError(f"train.resume={str(resume)!r}: no complete checkpoint there")
+    raise ConfigError(f"train.resume_from={str(path)!r}: no complete checkpoint there")
 
 
 def resolve_start(run_dir: str | Path, cfg: TrainConfig) -> Path | None:
-    """The checkpoint this run continues from (``cfg.resume``, see :func:`resolve_resume`), or None for a fresh
-    start. Worked out once per run, before anything is written, and handed to ``fit`` and the label checks.
+    """The checkpoint this run continues from, or None for a fresh start: ``cfg.resume_from`` (see
+    :func:`named_checkpoint`), else with ``cfg.resume`` auto the run's newest intact checkpoint. Worked out once per
+    run, before anything is written, and handed to ``fit`` and the label checks.
 
-    Raises :class:`ConfigError` when a fresh start would overwrite checkpoints (without ``cfg.overwrite``) or a
-    resume path holds no intact checkpoint.
+    Raises :class:`ConfigError` when a fresh start would overwrite checkpoints (without ``cfg.overwrite``) or the
+    named checkpoint is missing or damaged.
     """
     root = Path(run_dir) / "checkpoints"
-    try:
-        found = resolve_resume(cfg.resume, root, log=notice)
-    except FileNotFoundError as err:
-        raise ConfigError(str(err)) from err
-    if found is None and cfg.resume == "auto":
-        notice(f"no intact checkpoint in {root}: starting from step 0")
-    elif found is None and ckpt.list_checkpoints(root) and not cfg.overwrite:
+    if cfg.resume_from is not None:
+        return named_checkpoint(cfg.resume_from, log=notice)
+    if cfg.resume == "auto":
+        found = ckpt.newest_intact(root, notice)
+        if found is None:
+            notice(f"no intact checkpoint in {root}: starting from step 0")
+        return found
+    if ckpt.list_checkpoints(root) and not cfg.overwrite:
         raise ConfigError(
             f"{run_dir} already has checkpoints (latest {ckpt.latest_checkpoint(root).name}): continue it with "
             "--train.resume auto, start a new run with another --name, or replace it with --train.overwrite true"
         )
-    return found
+    return None
 
 
 def check_resume_labels(resume_from: Path | None, labels: list[str] | None) -> None:

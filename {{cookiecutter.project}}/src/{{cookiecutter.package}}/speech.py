@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from .cli import run_cli
-from .config import ConfigError, DebugConfig, SpeechConfig
+from .config import ConfigError, DebugConfig
+from .config.speech import SpeechConfig
 from .data.batches import ExampleBatches, iter_batches
 from .data.classify import LabelMap
 from .data.speech import SpeechData, load_speech, speech_collate
@@ -149,27 +150,28 @@ def run(cfg: SpeechConfig, dbg: DebugConfig | None = None) -> dict:
         )
         result: dict[str, Any] = {}
         if info.is_main:
-            result = finish(cfg, run_dir, unwrap(model), data, history)
+            result = finish(cfg, run_dir, unwrap(model), data, history, run.setup.autocast)
         barrier()
         return result
 
 
-def finish(cfg: SpeechConfig, run_dir, model: nn.Module, data: SpeechData, history: list[dict]) -> dict:
+def finish(cfg: SpeechConfig, run_dir, model: nn.Module, data: SpeechData, history: list[dict], autocast) -> dict:
     """Score the held-out test voices (``eval``) and the validation voices (``val``), write metrics.json."""
     device = next(model.parameters()).device
     model.eval()
-    result: dict[str, Any] = {
-        "task": "speech",
-        **history_result(history),
-        "total_params": model.num_params(),
-        "augment": cfg.augment.enabled,
-        "data": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
-        "val": evaluate(model, data.val, cfg, data.labels, device),
-        "eval": evaluate(model, data.test, cfg, data.labels, device),
-    }
-    if cfg.noisy_test_snr_db is not None:
-        noisy = evaluate(model, data.test, cfg, data.labels, device, snr_db=cfg.noisy_test_snr_db)
-        result["eval_noisy"] = {"snr_db": cfg.noisy_test_snr_db, **noisy}
+    with autocast:  # the training run's, as for fit's evaluations
+        result: dict[str, Any] = {
+            "task": "speech",
+            **history_result(history),
+            "total_params": model.num_params(),
+            "augment": cfg.augment.enabled,
+            "data": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
+            "val": evaluate(model, data.val, cfg, data.labels, device),
+            "eval": evaluate(model, data.test, cfg, data.labels, device),
+        }
+        if cfg.noisy_test_snr_db is not None:
+            noisy = evaluate(model, data.test, cfg, data.labels, device, snr_db=cfg.noisy_test_snr_db)
+            result["eval_noisy"] = {"snr_db": cfg.noisy_test_snr_db, **noisy}
         print(f"test voices in noise at {cfg.noisy_test_snr_db:g} dB SNR: accuracy {noisy['accuracy']:.4f}", flush=True)
     model.train()
     report_final(run_dir, result, cfg.train.logger)

@@ -31,12 +31,11 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from .cli import run_cli
 from .config import ConfigError, DebugConfig
-from .debug import NonFiniteError
-from .train.step import NonFiniteLossError
+from .train.step import NonFiniteError
 from .train.stopping import direction, listening
 from .tune_space import Space, load_space
 
@@ -47,6 +46,8 @@ DEBUG_TRIALS = 2
 @dataclass
 class TuneConfig:
     """``python -m <package>.tune``: an Optuna study over one training program's runs."""
+
+    debug_section: ClassVar[str | None] = None  # --debug is the trials' own profile (and 2 trials), not a section
 
     space: str = ""  # the search space YAML (see tune_space.py); configs/tune/ has one per program
     name: str | None = None  # study name and directory under out_dir; None = tune-<space file name>
@@ -180,7 +181,7 @@ def run_trial(optuna: Any, space: Space, trial: Any, study_dir: Path, dbg: Debug
     trial.set_user_attr("run", name)
     cfg = space.config({p.path: p.suggest(trial) for p in space.params}, dbg.debug)
     resumes = "resumes" in trial.user_attrs
-    train = dataclasses.replace(cfg.train, resume="auto" if resumes else None, overwrite=not resumes)
+    train = dataclasses.replace(cfg.train, resume="auto" if resumes else "never", overwrite=not resumes)
     cfg = dataclasses.replace(cfg, name=name, out_dir=str(study_dir / "trials"), train=train)
     print(f"trial {trial.number} ({name}): " + "  ".join(f"{k} {v}" for k, v in trial.params.items()), flush=True)
     objective = Objective(optuna, trial, cfg.train.early_stopping.metric)
@@ -190,7 +191,7 @@ def run_trial(optuna: Any, space: Space, trial: Any, study_dir: Path, dbg: Debug
     except optuna.TrialPruned as why:
         print(f"trial {trial.number}: pruned ({why})", flush=True)
         return states.PRUNED, None
-    except (ConfigError, NonFiniteLossError, NonFiniteError, SystemExit) as err:
+    except (ConfigError, NonFiniteError, SystemExit) as err:
         print(f"trial {trial.number}: failed: {_line(err)}", file=sys.stderr, flush=True)
         return states.FAIL, None
     if objective.value is None:

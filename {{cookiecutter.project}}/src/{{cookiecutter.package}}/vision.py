@@ -29,7 +29,8 @@ from typing import Any
 from torch import nn
 
 from .cli import run_cli
-from .config import ConfigError, DebugConfig, VisionConfig
+from .config import ConfigError, DebugConfig
+from .config.vision import VisionConfig
 from .data import images
 from .data.batches import ExampleBatches, iter_batches
 from .data.classify import LabelMap
@@ -101,28 +102,31 @@ def save_model(model: nn.Module, run_dir: Path) -> Path:
     return run_dir / MODEL_FILE
 
 
-def finish(cfg: VisionConfig, run_dir: Path, model: nn.Module, splits: images.Splits, history: list[dict]) -> dict:
+def finish(
+    cfg: VisionConfig, run_dir: Path, model: nn.Module, splits: images.Splits, history: list[dict], autocast
+) -> dict:
     """Final evaluation (validation and test sets, all of them), metrics.json, TensorBoard, the model."""
     raw, names = unwrap(model), splits.train.names
     device = next(raw.parameters()).device
     trainable, total = count_parameters(raw)
     bs = cfg.train.batch_size
     raw.eval()
-    result: dict[str, Any] = {
-        "task": "vision",
-        "base_model": cfg.base_model,
-        **history_result(history),
-        "trainable_params": trainable,
-        "total_params": total,
-        "augmentation": describe(cfg.augment),
-        "data": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
-        "val": evaluate_classifier(
-            raw, iter_batches(images.as_examples(splits.val), bs, images.image_collate), names, device
-        ),
-        "eval": evaluate_classifier(
-            raw, iter_batches(images.as_examples(splits.test), bs, images.image_collate), names, device
-        ),
-    }
+    with autocast:  # the training run's, as for fit's evaluations
+        result: dict[str, Any] = {
+            "task": "vision",
+            "base_model": cfg.base_model,
+            **history_result(history),
+            "trainable_params": trainable,
+            "total_params": total,
+            "augmentation": describe(cfg.augment),
+            "data": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
+            "val": evaluate_classifier(
+                raw, iter_batches(images.as_examples(splits.val), bs, images.image_collate), names, device
+            ),
+            "eval": evaluate_classifier(
+                raw, iter_batches(images.as_examples(splits.test), bs, images.image_collate), names, device
+            ),
+        }
     report_final(run_dir, result, cfg.train.logger)
     print(f"model written to {save_model(raw, run_dir)}", flush=True)
     return result
@@ -193,7 +197,7 @@ def run(cfg: VisionConfig, dbg: DebugConfig | None = None) -> dict:
         model, history = train(cfg, ctx, splits)
         result: dict[str, Any] = {}
         if ctx.info.is_main:
-            result = finish(cfg, ctx.run_dir, model, splits, history)
+            result = finish(cfg, ctx.run_dir, model, splits, history, ctx.setup.autocast)
         barrier()
         return result
 

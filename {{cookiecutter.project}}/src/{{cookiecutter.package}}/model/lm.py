@@ -173,8 +173,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, n_chunks: int) -> Tensor:
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, n_chunks: int, grad_mode: bool) -> Tensor:
+        # needs_input_grad follows requires_grad alone, and grad mode always reads off in here: grad_mode is the
+        # caller's, so an evaluation under no_grad computes the loss without the two gradient matmuls per block.
+        need_h, need_w = grad_mode and ctx.needs_input_grad[0], grad_mode and ctx.needs_input_grad[1]
         valid = targets != -100  # [N]
         total = hidden.new_zeros((), dtype=torch.float32)
         grad_h = []
@@ -207,7 +209,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = grad_loss / n_valid.clamp(min=1)
         dh = grad_h * scale.to(grad_h.dtype) if grad_h is not None else None
         dw = (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None
-        return dh, dw, None, None
+        return dh, dw, None, None, None
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, n_chunks: int = LOSS_CHUNKS) -> Tensor:
@@ -218,7 +220,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, n_chun
     ever building the [N, V] logits (see :class:`_LinearCrossEntropy`). Under bf16 autocast the matmuls run in bf16
     and the softmax and loss in fp32, as they would for the unfused layer.
     """
-    return _LinearCrossEntropy.apply(hidden, weight, targets, n_chunks)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, n_chunks, torch.is_grad_enabled())
 
 
 def chunked_cross_entropy(hidden: Tensor, head: nn.Module, targets: Tensor, n_chunks: int = LOSS_CHUNKS) -> Tensor:

@@ -40,10 +40,11 @@ from .distributed import (
     unwrap,
 )
 from .flops import peak_flops
-from .logger import GradHealth, RunLogger, StepLog
+from .health import GradHealth
+from .logger import RunLogger, StepLog
 from .optim import build_optimizer, build_scheduler
 from .state import rng_state
-from .step import NonFiniteLossError, train_step
+from .step import train_step
 from .stopping import Verdict, Watch, check_metric, restore_best, tell_listeners
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -172,11 +173,6 @@ def _due(step: int, every: int, last: bool) -> bool:
     return last or (every > 0 and step % every == 0)
 
 
-def _params_finite(model: nn.Module) -> bool:
-    checks = [torch.isfinite(p).all() for p in model.parameters() if p.is_floating_point()]
-    return bool(torch.stack(checks).all()) if checks else True  # one read of the device
-
-
 def restore(
     resume_from: Path | None, run_dir: Path, cfg: TrainConfig, model: nn.Module, optimizer, scheduler, source, watch
 ) -> int:
@@ -216,15 +212,14 @@ def save_state(
     run_dir: Path, step: int, model: nn.Module, optimizer, scheduler, source: BatchSource, cfg: TrainConfig, job: Job,
     watch: Watch,
 ) -> Path | None:  # fmt: skip
-    """Checkpoint after ``step``: every rank contributes its data position and RNG state, rank 0 writes (atomically,
-    refusing non-finite weights; ``checkpoints/best`` names it when it is the best) and returns the path; the others
-    return None."""
+    """Checkpoint after ``step``: every rank contributes its data position and RNG state, rank 0 writes (atomically;
+    ``checkpoints/best`` names it when it is the best) and returns the path; the others return None. The weights are
+    finite: :func:`fit` has read every step's ``finite`` flag before it saves, and a non-finite step never updated
+    them."""
     world = get_world_size()
     per_rank = all_gather_object({"data": source.state_dict(), "rng": rng_state()})
     path = None
     if get_rank() == 0:
-        if not _params_finite(model):
-            raise NonFiniteLossError(f"weights are non-finite after step {step}: checkpoint not written")
         path = ckpt.save_checkpoint(
             run_dir / "checkpoints",
             step,
@@ -299,7 +294,8 @@ def fit(
     ``model`` is on its device, maybe DDP-wrapped and/or compiled, and returns ``.loss``; only trainable parameters
     are optimized and checkpointed, into ``run_dir`` (with ``tb/`` and ``metrics.jsonl``). ``setup``: what runtime.py
     set up (:class:`RunSetup`; default a fresh fp32 run), ``job``: the entry point's additions (:class:`Job`). A
-    NaN/Inf loss or gradient skips its update and raises at the next read of the device, before any checkpoint.
+    NaN/Inf loss or gradient skips its update and raises :class:`.step.NonFiniteError` at the next read of the
+    device, before any checkpoint.
     """
     optim, setup, job = optim or OptimConfig(), setup or RunSetup(), job or Job()
     run_dir, raw, watch = Path(run_dir), unwrap(model), Watch(cfg.early_stopping)
@@ -313,7 +309,7 @@ def fit(
     logger = RunLogger(
         run_dir, cfg, start, main=get_rank() == 0, progress=True, config=config_to_dict(job.config), unit=job.unit
     )
-    health = GradHealth(raw, cfg.log_every if cfg.grad_stats_every is None else cfg.grad_stats_every)
+    health = GradHealth(raw, optimizer, cfg.log_every if cfg.grad_stats else 0)
     compiling = is_compiled(model)  # its first step compiles the model: logged as such, not as throughput
     anomaly = torch.autograd.detect_anomaly(check_nan=True) if cfg.detect_anomaly else contextlib.nullcontext()
     history: list[dict] = []

@@ -1,6 +1,7 @@
 """A directory that verifies itself: ``manifest.json`` lists every other file under it with its size and sha256
-(``{"format": 1, "files": {"model.safetensors": {"size": 5678, "sha256": "..."}, ...}}``). Checkpoints
-(:mod:`.checkpoint`) write it last, just before they are published, and compare against it before they are read."""
+(format 1: ``"files"`` maps each relative path, ``"model.safetensors"`` say, to ``{"size": 5678, "sha256": "..."}``).
+Checkpoints (:mod:`.checkpoint`) write it last, just before they are published, and compare against it before they
+are read."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def fsync(path: Path) -> None:
 
 
 def write_manifest(directory: Path) -> None:
-    """``{"format": 1, "files": {relative path: {"size", "sha256"}}}`` of every file under ``directory``."""
+    """Write the manifest of every file under ``directory``: its relative path, size and sha256."""
     payload = sorted(p for p in directory.rglob("*") if p.is_file() and p != directory / MANIFEST_FILE)
     files = {p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in payload}
     text = json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=1)
