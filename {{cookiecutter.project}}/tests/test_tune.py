@@ -161,6 +161,20 @@ def test_a_poor_trial_is_pruned_and_marked_pruned(tmp_path, pretrain_args):
     assert not (study_dir / "trials" / "trial-002" / "checkpoints" / "step-000008").exists()
 
 
+def test_a_trial_the_program_refuses_fails_alone_and_the_study_goes_on(tmp_path, pretrain_args, capsys):
+    space = _space(tmp_path, pretrain_args, trials=2, params={"train.batch_size": {"choices": [4, 0]}})
+    study_dir = tmp_path / "runs" / "tune-space"
+    study_dir.mkdir(parents=True)
+    queued = optuna.create_study(study_name="tune-space", storage=_storage(study_dir), direction="minimize")
+    for batch_size in (0, 4):
+        queued.enqueue_trial({"train.batch_size": batch_size})
+    study = tune.run(*parse_config(tune.TuneConfig, ["--space", str(space), "--out_dir", str(tmp_path / "runs")]))
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    err = capsys.readouterr().err
+    assert "error: train.batch_size=0 is invalid: expected >= 1" in err
+    assert "trial 0: failed: the program refused its config (the error above)" in err
+
+
 def _start(space: Path, out: Path, env: dict, package: str) -> subprocess.Popen:
     argv = [sys.executable, "-m", f"{package}.tune", "--space", str(space), "--out_dir", str(out)]
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

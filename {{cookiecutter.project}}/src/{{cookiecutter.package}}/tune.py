@@ -174,25 +174,30 @@ class Objective:
             raise self.optuna.TrialPruned(f"validation {self.metric} {last:.4g} at step {step}")
 
 
-def run_trial(optuna: Any, space: Space, trial: Any, study_dir: Path, dbg: DebugConfig) -> tuple[Any, float | None]:
-    """Run ``trial``; (its final state, its value or None). Failures of the run are the trial's, not the study's."""
+def run_trial(
+    optuna: Any, space: Space, trial: Any, study_dir: Path, dbg: DebugConfig, metric: str
+) -> tuple[Any, float | None]:
+    """Run ``trial``; (its final state, its value of validation ``metric`` or None). Failures of the run are the
+    trial's, not the study's."""
     states = optuna.trial.TrialState
     name = trial.user_attrs.get("run") or run_name(trial.number)
     trial.set_user_attr("run", name)
-    cfg = space.config({p.path: p.suggest(trial) for p in space.params}, dbg.debug)
+    values = {p.path: p.suggest(trial) for p in space.params}
+    print(f"trial {trial.number} ({name}): " + "  ".join(f"{k} {v}" for k, v in values.items()), flush=True)
     resumes = "resumes" in trial.user_attrs
-    train = dataclasses.replace(cfg.train, resume="auto" if resumes else "never", overwrite=not resumes)
-    cfg = dataclasses.replace(cfg, name=name, out_dir=str(study_dir / "trials"), train=train)
-    print(f"trial {trial.number} ({name}): " + "  ".join(f"{k} {v}" for k, v in trial.params.items()), flush=True)
-    objective = Objective(optuna, trial, cfg.train.early_stopping.metric)
+    objective = Objective(optuna, trial, metric)
     try:
+        cfg = space.config(values, dbg.debug)  # a value the program refuses fails this trial, in one line
+        train = dataclasses.replace(cfg.train, resume="auto" if resumes else "never", overwrite=not resumes)
+        cfg = dataclasses.replace(cfg, name=name, out_dir=str(study_dir / "trials"), train=train)
         with listening(objective):
             space.module.run(cfg, dbg)
     except optuna.TrialPruned as why:
         print(f"trial {trial.number}: pruned ({why})", flush=True)
         return states.PRUNED, None
-    except (ConfigError, NonFiniteError, SystemExit) as err:
-        print(f"trial {trial.number}: failed: {_line(err)}", file=sys.stderr, flush=True)
+    except (ConfigError, NonFiniteError, SystemExit) as err:  # SystemExit: parse_config printed why
+        why = "the program refused its config (the error above)" if isinstance(err, SystemExit) else _line(err)
+        print(f"trial {trial.number}: failed: {why}", file=sys.stderr, flush=True)
         return states.FAIL, None
     if objective.value is None:
         print(f"trial {trial.number}: failed: no validation {objective.metric} was reported", file=sys.stderr)
@@ -256,7 +261,7 @@ def run(cfg: TuneConfig, dbg: DebugConfig | None = None) -> Any:
     print(f"study {study.study_name}: {space.trials} trials of {space.program}, {goal}imize validation {metric}")
     while (trial := next_trial(optuna, study, space.trials, lock)) is not None:
         try:
-            state, value = run_trial(optuna, space, trial, study_dir, trial_dbg)
+            state, value = run_trial(optuna, space, trial, study_dir, trial_dbg, metric)
         except KeyboardInterrupt:
             retry(optuna, study, study.trials[trial.number])
             raise
