@@ -228,7 +228,7 @@ def study_dir_of(cfg: TuneConfig, space: Space, debug: bool) -> Path:
     """``<out_dir>/<name>``; under --debug a finished debug study is replaced, so that the next one trains."""
     name = (cfg.name or f"tune-{space.source.stem}") + ("-debug" if debug else "")
     path = Path(cfg.out_dir) / name
-    if debug and cfg.storage is None and (path / "best.yaml").is_file():
+    if debug and cfg.storage is None and (path / "trials.tsv").is_file():  # its end was reported
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
