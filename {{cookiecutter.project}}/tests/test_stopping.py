@@ -287,9 +287,10 @@ def _rank_main(rank: int, port: int, run_dir: str, noisy: dict, out: str) -> Non
         model = MLP()
         job = Job(evaluate=lambda m: _scores(m, val), metrics=("loss", "accuracy"))
         history = fit(model, FullBatch(own), _cfg(batch_size=30), run_dir, optim=OPTIM, job=job)
+        weights = {k: v.tolist() for k, v in model.state_dict().items()}
         result = {"first": first.improved, "second": [second.improved, second.stop], "state": watch.state_dict(),
                   "steps": [r["step"] for r in history], "weights_step": history[-1].get("weights_step"),
-                  "weights": {k: v.tolist() for k, v in model.state_dict().items()}}  # fmt: skip
+                  "weights": weights}  # fmt: skip
         with open(f"{out}.{rank}", "w") as f:
             json.dump(result, f)
     finally:

@@ -60,23 +60,27 @@ def _exit_line(capsys, argv: list[str]) -> str:
 # ---- bad input: one line, exit 2 -------------------------------------------------------------------------------------
 
 
+def _param(path: str, **spec) -> dict:
+    return dict(params={path: spec})
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"params": {"optim.lrr": LR}}, "unknown config path 'optim.lrr': optim has no field 'lrr'"),
-        ({"params": {"trainer.lr": LR}}, "unknown config path 'trainer.lr': PretrainConfig has no field 'trainer'"),
-        ({"overrides": {"train.max_step": 3}}, "unknown config path 'train.max_step': train has no field 'max_step'"),
-        ({"params": {"optim.lr": {"low": 0.01, "high": 0.01}}}, "params.optim.lr: empty range [0.01, 0.01]"),
-        ({"params": {"optim.warmup_steps": {"low": 5, "high": 2}}}, "params.optim.warmup_steps: empty range [5, 2]"),
-        ({"params": {"train.batch_size": {"choices": []}}}, "params.train.batch_size: empty choices"),
-        ({"params": {"train.batch_size": {"low": 2.5, "high": 8}}}, "low, high and step must be int numbers"),
-        ({"params": {"optim.lr": {"low": 0.0, "high": 0.1, "log": True}}}, "a log range needs low > 0"),
-        ({"params": {"train.device": {"low": 1, "high": 2}}}, "a range needs an int or float field"),
+        (_param("optim.lrr", **LR), "unknown config path 'optim.lrr': optim has no field 'lrr'"),
+        (_param("trainer.lr", **LR), "unknown config path 'trainer.lr': PretrainConfig has no field 'trainer'"),
+        (dict(overrides={"train.max_step": 3}), "unknown config path 'train.max_step': train has no field 'max_step'"),
+        (_param("optim.lr", low=0.01, high=0.01), "params.optim.lr: empty range [0.01, 0.01]"),
+        (_param("optim.warmup_steps", low=5, high=2), "params.optim.warmup_steps: empty range [5, 2]"),
+        (_param("train.batch_size", choices=[]), "params.train.batch_size: empty choices"),
+        (_param("train.batch_size", low=2.5, high=8), "low, high and step must be int numbers"),
+        (_param("optim.lr", low=0.0, high=0.1, log=True), "a log range needs low > 0"),
+        (_param("train.device", low=1, high=2), "a range needs an int or float field"),
         ({"program": "generate"}, "program 'generate' is not a training program here"),
         ({"pruner": "hyperband"}, "pruner must be one of median, successive_halving, none"),
         ({"trial": 3}, "unknown key 'trial'"),
         (
-            {"overrides": {"train.early_stopping.metric": "accuracy"}},
+            dict(overrides={"train.early_stopping.metric": "accuracy"}),
             "train.early_stopping.metric='accuracy' is not reported by pretrain: it reports loss, perplexity",
         ),
     ],
@@ -88,7 +92,7 @@ def test_bad_space_files_exit_2_with_one_line(tmp_path, pretrain_args, capsys, f
 
 
 def test_a_value_the_program_refuses_exits_2_before_any_trial(tmp_path, pretrain_args, capsys):
-    space = _space(tmp_path, pretrain_args, params={"optim.lr": {"low": 1.0e-6, "high": 1.0e-5, "log": True}})
+    space = _space(tmp_path, pretrain_args, params={"optim.lr": dict(low=1.0e-6, high=1.0e-5, log=True)})
     line = _exit_line(capsys, ["--space", str(space), "--out_dir", str(tmp_path)])  # min_lr 3e-5 > lr
     assert "optim.min_lr" in line and "expected in [0, optim.lr]" in line
 
@@ -117,7 +121,7 @@ def test_every_shipped_space_parses_into_its_program(monkeypatch):
 
 
 def test_a_study_runs_normal_trials_and_leaves_a_recipe_plots_and_hparams(tmp_path, pretrain_args, capsys):
-    space = _space(tmp_path, pretrain_args, trials=2, params={"optim.lr": LR, "train.batch_size": {"choices": [2, 4]}})
+    space = _space(tmp_path, pretrain_args, trials=2, params={"optim.lr": LR, "train.batch_size": dict(choices=[2, 4])})
     study = tune.run(*parse_config(tune.TuneConfig, ["--space", str(space), "--out_dir", str(tmp_path / "runs")]))
     study_dir = tmp_path / "runs" / "tune-space"
     trials = study.trials
@@ -162,7 +166,7 @@ def test_a_poor_trial_is_pruned_and_marked_pruned(tmp_path, pretrain_args):
 
 
 def test_a_trial_the_program_refuses_fails_alone_and_the_study_goes_on(tmp_path, pretrain_args, capsys):
-    space = _space(tmp_path, pretrain_args, trials=2, params={"train.batch_size": {"choices": [4, 0]}})
+    space = _space(tmp_path, pretrain_args, trials=2, params={"train.batch_size": dict(choices=[4, 0])})
     study_dir = tmp_path / "runs" / "tune-space"
     study_dir.mkdir(parents=True)
     queued = optuna.create_study(study_name="tune-space", storage=_storage(study_dir), direction="minimize")
