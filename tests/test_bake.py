@@ -51,6 +51,8 @@ PACKAGE_MODULES = [
     "predict.py",
     "classifiers/__init__.py",
     "classifiers/classify.py",
+    "evaluate.py",
+    "data/benchmark.py",
     "bench.py",
     "bench_timing.py",
     "model/attention.py",
