@@ -9,7 +9,7 @@ classifier reads one text per file, or one text per line of standard input when 
 One line per input: the predicted label, the probability of every class, and the file::
 
     python -m <package>.predict runs/finetune-classify samples/text
-    comedy	comedy=0.8123 history=0.1207 tragedy=0.0670	samples/text/comedy/00000.txt
+    tragedy	comedy=0.3179 history=0.0389 tragedy=0.6432	samples/text/tragedy/00000.txt
     python -m <package>.predict runs/finetune-classify --json < passages.txt     # JSON lines: file (here
                                                   # <stdin>:N, the line number), label, probabilities (label -> p)
 
