@@ -43,6 +43,10 @@ EXTRA_PROJECT_FILES = {
         "docs/vision.md",
         "tests/test_vision.py",
         ".idea/runConfigurations/Vision__digits_ResNet_.xml",
+        "src/{package}/classifiers/vision.py",
+        "samples/digits",
+        "tests/test_predict_vision.py",
+        ".idea/runConfigurations/Predict__digits_ResNet_.xml",
     ],
     "speech": [
         "src/{package}/speech.py",
@@ -62,6 +66,10 @@ EXTRA_PROJECT_FILES = {
         "tests/test_audio_features.py",
         "tests/test_audio_augment.py",
         ".idea/runConfigurations/Speech__commands_Conformer_.xml",
+        "src/{package}/classifiers/speech.py",
+        "samples/speech",
+        "tests/test_predict_speech.py",
+        ".idea/runConfigurations/Predict__commands_Conformer_.xml",
     ],
 }
 

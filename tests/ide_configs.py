@@ -241,7 +241,8 @@ def pycharm_command(cfg: PyCharmConfig, project: Path, python: str = sys.executa
     raise ValueError(f"{cfg.name}: {cfg.type} is not a command PyCharm runs")
 
 
-# Dependency order of the entry-point configurations: fine-tuning and generation read what pre-training wrote.
+# Dependency order of the entry-point configurations: fine-tuning and generation read what pre-training wrote,
+# prediction what the classifiers' trainings wrote.
 RUN_ORDER = [
     "Pretrain (debug profile)",
     "Pretrain",
@@ -251,6 +252,9 @@ RUN_ORDER = [
     "Vision (digits ResNet)",
     "Speech (commands Conformer)",
     "Generate",
+    "Predict (text classifier)",
+    "Predict (digits ResNet)",
+    "Predict (commands Conformer)",
     "Tests (pytest)",
 ]
 

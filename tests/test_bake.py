@@ -51,6 +51,11 @@ PACKAGE_MODULES = [
     "tune.py",
     "tune_space.py",
     "tune_report.py",
+    "predict.py",
+    "classifiers/__init__.py",
+    "classifiers/classify.py",
+    "evaluate.py",
+    "data/benchmark.py",
     "bench.py",
     "bench_timing.py",
     "model/attention.py",
@@ -111,7 +116,8 @@ def expected_files(name: str) -> set[str]:
         expected.add(rendered)
     for project, files in extra_project_files().items():
         if ctx["extra_projects"] not in (project, "both"):
-            expected -= {f.format(package=ctx["package"]) for f in files}
+            gone = [f.format(package=ctx["package"]) for f in files]  # files, and folders with all they hold
+            expected = {e for e in expected if not any(e == g or e.startswith(g + "/") for g in gone)}
     expected.add(".cookiecutter.json")
     if ctx["license"] != "none":
         expected.add("LICENSE")

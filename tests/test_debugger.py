@@ -123,7 +123,14 @@ class Program:
 
 # --------------------------------------------------------------------------------------------- launch.json
 
-TRAINING = set(RUN_ORDER) - {"Generate", "Tests (pytest)"}  # every entry point that trains through train_step
+# predict: (the source of the model's forward, its class, an argument of forward) per configuration. The text
+# classifier is transformers' own model (its configuration debugs library code: justMyCode false).
+PREDICT_FORWARD = {
+    "Predict (text classifier)": (None, "LlamaForSequenceClassification", "input_ids"),
+    "Predict (digits ResNet)": ("model/resnet.py", "ResNet", "pixel_values"),
+    "Predict (commands Conformer)": ("model/conformer.py", "ConformerClassifier", "input_values"),
+}
+TRAINING = set(RUN_ORDER) - {"Generate", "Tests (pytest)"} - set(PREDICT_FORWARD)  # entry points that call train_step
 NOT_LAUNCHABLE_HERE = {
     "Debug test (Testing view)": "its program is ${file}: VS Code's Testing view fills it in",
 }
@@ -132,6 +139,28 @@ NOT_LAUNCHABLE_HERE = {
 def launch_config(project: Path, name: str) -> dict:
     (config,) = [c for c in launch_configs(project) if c["name"] == name]
     return config
+
+
+def body_line(path: Path, class_name: str, function: str) -> int:
+    """The line of the first statement of ``class_name.function`` in ``path`` (after its docstring)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name]
+    (fn,) = [n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == function]
+    docstring = isinstance(fn.body[0], ast.Expr) and isinstance(fn.body[0].value, ast.Constant)
+    return fn.body[1 if docstring else 0].lineno
+
+
+def forward_breakpoint(project: Path, name: str) -> tuple[Path, int, str]:
+    """(file, line, a local to expect) of the first statement of the predicted model's forward."""
+    source, class_name, argument = PREDICT_FORWARD[name]
+    if source is None:  # a transformers class: where its (inherited, decorated) forward is defined
+        import transformers
+
+        forward = inspect.unwrap(getattr(transformers, class_name).forward)
+        path, class_name = Path(inspect.getsourcefile(forward)), forward.__qualname__.split(".")[0]
+    else:
+        path = project / "src" / DEFAULT_PACKAGE / source
+    return path, body_line(path, class_name, "forward"), argument
 
 
 def test_every_launch_configuration_is_covered(project):
@@ -173,6 +202,8 @@ def test_launch_configuration(project, name):
     elif name == "Tests (pytest)":  # debugging a test: stop inside one of the generated tests
         path = project / "tests" / "test_debug.py"
         line, expect = marker_line(path, "assert parse_address(text) == expected"), "expected"
+    elif name in PREDICT_FORWARD:  # a breakpoint in the model's forward stops there
+        path, line, expect = forward_breakpoint(project, name)
     else:
         path = None
     client, start = run_launch(project, config, {str(path): [line]} if path else {})

@@ -44,13 +44,20 @@ ENTRY_POINTS = {
     "Fine-tune SFT": (".finetune", ["--config", "configs/finetune-sft.yaml"]),
     "Fine-tune classify": (".finetune", ["--config", "configs/finetune-classify.yaml"]),
     "Generate": (".generate", ["--prompt", "MACBETH."]),
+    "Predict (text classifier)": (".predict", ["runs/finetune-classify", "samples/text"]),
     "Tests (pytest)": ("pytest", ["tests"]),
     "TensorBoard": ("tensorboard.main", ["--logdir", "runs", "--port", "6006"]),
 }
 # The extra projects' entry points, present when the extra_projects answer selects them.
 EXTRA_ENTRY_POINTS = {
-    "vision": {"Vision (digits ResNet)": (".vision", ["--config", "configs/vision.yaml"])},
-    "speech": {"Speech (commands Conformer)": (".speech", ["--config", "configs/speech.yaml"])},
+    "vision": {
+        "Vision (digits ResNet)": (".vision", ["--config", "configs/vision.yaml"]),
+        "Predict (digits ResNet)": (".predict", ["runs/vision", "samples/digits"]),
+    },
+    "speech": {
+        "Speech (commands Conformer)": (".speech", ["--config", "configs/speech.yaml"]),
+        "Predict (commands Conformer)": (".predict", ["runs/speech", "samples/speech"]),
+    },
 }
 
 # What a test appends to keep a run short: the debug profile and a couple of steps.
@@ -62,6 +69,7 @@ FAST_ARGS = {
     ".tune": ["--debug", "--trials", "1"],  # one trial of the debug profile
     ".vision": ["--debug", "--train.max_steps", "1"],
     ".speech": ["--debug", "--train.max_steps", "1"],
+    ".predict": ["--debug"],  # the run the --debug training wrote: RUN_DIR-debug
     # only tests/test_debug.py is collected (importing every test module is most of a short run)
     "pytest": ["-q", "-p", "no:cacheprovider", "--ignore-glob=*/test_[!d]*.py", "-k", "test_debug or parse_address"],
 }
@@ -214,6 +222,9 @@ def test_pycharm_run_configurations(baked_projects):
             for flag, value in zip(command.argv, command.argv[1:], strict=False):
                 if flag == "--config":
                     assert (project / value).is_file(), f"{name}: {value} does not exist"
+            for value in command.argv:
+                if value.startswith("samples/"):  # the inputs of a predict configuration ship with the project
+                    assert any((project / value).rglob("*.*")), f"{name}: {value} holds no input files"
 
 
 def test_pycharm_debug_server_configuration(baked_projects):

@@ -191,3 +191,47 @@ def uneven_batch() -> dict[str, torch.Tensor]:
     labels = ids.clone()
     labels[0, :-1] = -100
     return {"input_ids": ids, "labels": labels}
+
+
+# ---- predict (test_predict, test_predict_vision, test_predict_speech) ------------------------------------------------
+
+
+@pytest.fixture
+def predict_cli(capsys):
+    """``predict_cli(*argv, stdin=None)`` -> (exit code, stdout lines, stderr) of ``python -m <package>.predict``,
+    run in this process."""
+    import io
+    import sys
+
+    from {{ cookiecutter.package }} import predict
+
+    def call(*argv: str, stdin: str | None = None) -> tuple[int, list[str], str]:
+        capsys.readouterr()  # what the test printed before (a training run) is not predict's
+        saved = sys.stdin
+        sys.stdin = io.StringIO(stdin or "")
+        try:
+            predict.main([str(a) for a in argv])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        finally:
+            sys.stdin = saved
+        captured = capsys.readouterr()
+        return code, captured.out.splitlines(), captured.err.strip()
+
+    return call
+
+
+@pytest.fixture
+def predict_json(predict_cli):
+    """``predict_json(*argv)`` -> {file: its --json line + "gold", the folder it is in (how samples are written)};
+    fails unless predict exits 0."""
+    import json
+
+    def call(*argv: str) -> dict[str, dict]:
+        code, lines, err = predict_cli(*argv, "--json")
+        assert code == 0, err
+        rows = [json.loads(line) for line in lines]
+        return {row["file"]: {**row, "gold": Path(row["file"]).parent.name} for row in rows}
+
+    return call

@@ -18,6 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from {{ cookiecutter.package }} import vision
+from {{ cookiecutter.package }}.classifiers import MODEL_FILE
+from {{ cookiecutter.package }}.classifiers.vision import MERGED_DIR
 from {{ cookiecutter.package }}.config import ConfigError, parse_config
 from {{ cookiecutter.package }}.config.vision import ImageAugmentConfig, ResNetConfig, VisionConfig
 from {{ cookiecutter.package }}.data import images
@@ -71,7 +73,7 @@ def test_residual_block_gradient_flows_through_the_skip():
 def test_saved_model_reproduces_the_test_accuracy(debug_run):
     run_dir, result = debug_run
     model = ResNet(TINY, num_classes=10)
-    model.load_state_dict(load_file(run_dir / vision.MODEL_FILE))  # normalisation buffers included
+    model.load_state_dict(load_file(run_dir / MODEL_FILE))  # normalisation buffers included
     splits = vision.load_splits(parse_config(VisionConfig, ["--debug"])[0])
     with torch.no_grad():
         predictions = model.eval()(splits.test.images).logits.argmax(-1)
@@ -295,8 +297,8 @@ def test_resume_is_exact(tmp_path):
 
     shutil.rmtree(run_b / "checkpoints" / "step-000004")  # as if killed after step 2
     vision.run(*parse_config(VisionConfig, [*args, "--out_dir", str(tmp_path / "b"), "--train.resume", "auto"]))
-    a = load_file(tmp_path / "a" / straight[0].name / vision.MODEL_FILE)
-    b = load_file(run_b / vision.MODEL_FILE)
+    a = load_file(tmp_path / "a" / straight[0].name / MODEL_FILE)
+    b = load_file(run_b / MODEL_FILE)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -322,7 +324,7 @@ def test_fine_tunes_a_transformers_resnet(tmp_path, hf_resnet_dir, tune):
     cfg, dbg = parse_config(VisionConfig, [*argv, "--base_input_size", "32", "--train.max_steps", "3"])
     result = vision.run(cfg, dbg)
     assert result["trainable_params"] < result["total_params"]
-    saved = ResNetForImageClassification.from_pretrained(str(tmp_path / cfg.name / vision.MERGED_DIR))
+    saved = ResNetForImageClassification.from_pretrained(str(tmp_path / cfg.name / MERGED_DIR))
     assert saved.config.num_labels == 10 and saved.config.id2label[3] == "3"  # a new 10-way head
 
 

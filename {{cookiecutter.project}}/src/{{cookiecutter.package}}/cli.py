@@ -22,6 +22,14 @@ def run_cli(
     interrupted: str | None = RESUME_HINT,
 ) -> None:
     cfg, dbg = parse_config(config_cls, argv, prog=prog)
+    run_guarded(run, cfg, dbg, interrupted=interrupted)
+
+
+def run_guarded(
+    run: Callable[[Any, DebugConfig], Any], cfg: Any, dbg: DebugConfig, *, interrupted: str | None = None
+) -> None:
+    """``run(cfg, dbg)`` with its failures as one line and an exit code (the tools that parse their own
+    arguments, ``predict`` and ``evaluate``, call this directly)."""
     try:
         run(cfg, dbg)
     except ConfigError as err:

@@ -42,11 +42,14 @@ from .data import batches
 from .data import classify as cls_data
 from .data import sft as sft_data
 from .lora import (
+    ADAPTER_DIR,
+    MERGED_DIR,
     apply_lora,
     check_qlora,
     count_parameters,
     generate_ids,
     load_model,
+    max_input_len,
     merge_and_save,
     pretrain_defaults,
     pretrain_export_dir,
@@ -58,9 +61,6 @@ from .runtime import RunContext, check_resume_labels, training_run
 from .train.distributed import barrier, resolve_device, unwrap, wrap_ddp
 from .train.logger import history_result, report_final
 from .train.loop import Job, evaluate_classifier, fit, to_device
-
-ADAPTER_DIR = "adapter"
-MERGED_DIR = "hf"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -318,11 +318,9 @@ def build_model(cfg: FinetuneConfig, run: RunContext, base: str | None, raw: tup
     model, tokenizer = load_model(
         base, cfg.task, labels=labels, settings=cfg.lora, trust_remote_code=cfg.trust_remote_code
     )
-    max_len = cfg.data.max_seq_len
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and max_len > limit:
-        print(f"notice: data.max_seq_len={max_len} -> {limit} (the model's max_position_embeddings)")
-        max_len = limit
+    max_len = max_input_len(model, cfg.data.max_seq_len)
+    if max_len < cfg.data.max_seq_len:
+        print(f"notice: data.max_seq_len={cfg.data.max_seq_len} -> {max_len} (the model's max_position_embeddings)")
     data = encode_data(cfg, raw, tokenizer, max_len)
 
     model = apply_lora(model, cfg.lora, cfg.task)

@@ -13,7 +13,6 @@ One path for every model: the model is a transformers directory (by default what
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from .cli import run_cli
 from .config import ConfigError, DebugConfig
 from .config.generate import GenerateConfig
 from .data import sft as sft_data
-from .lora import generate_ids, load_adapter, load_model, pretrain_export_dir
+from .lora import adapter_config, generate_ids, load_adapter, load_model, pretrain_export_dir
 from .train.distributed import resolve_device
 
 
@@ -41,17 +40,10 @@ def resolve_model(cfg: GenerateConfig, debug: bool) -> str:
     )
 
 
-def adapter_task(adapter_dir: str | Path) -> str | None:
-    path = Path(adapter_dir) / "adapter_config.json"
-    if not path.is_file():
-        raise ConfigError(f"adapter not found: {adapter_dir} has no adapter_config.json")
-    return json.loads(path.read_text(encoding="utf-8")).get("task_type")
-
-
 def load_for_generation(cfg: GenerateConfig, debug: bool = False) -> tuple[Any, Any]:
     """(model in eval mode on its device, tokenizer); the adapter's saved tokenizer wins when there is one."""
     model_path = resolve_model(cfg, debug)
-    if cfg.adapter is not None and adapter_task(cfg.adapter) == "SEQ_CLS":
+    if cfg.adapter is not None and adapter_config(cfg.adapter).get("task_type") == "SEQ_CLS":
         raise ConfigError(f"{cfg.adapter} is a classification adapter: generate needs an SFT (causal LM) adapter")
     model, tokenizer = load_model(model_path, "sft", trust_remote_code=cfg.trust_remote_code)
     if cfg.adapter is not None:

@@ -21,6 +21,7 @@ parameters per targeted linear: r * (in + out).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +33,8 @@ from .config.pretrain import PretrainConfig
 from .model.lm import LlamaLM
 
 Task = Literal["sft", "classify"]
+ADAPTER_DIR = "adapter"  # in a fine-tune's run directory: the LoRA adapter, its tokenizer (and label map)
+MERGED_DIR = "hf"  # with --merge: the base model with the adapter merged in, a standalone transformers model
 ALL_LINEAR = "all-linear"
 # Output heads are trained in full (classification) or left alone (the LM head): never LoRA targets.
 HEAD_NAMES = ("lm_head", "score", "classifier")
@@ -105,14 +108,27 @@ def apply_lora(model: nn.Module, settings: LoraSettings, task: Task | None = "sf
     return get_peft_model(model, lora_config(settings, model, task))
 
 
+def adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
+    """A saved adapter's adapter_config.json: its ``task_type`` (``CAUSAL_LM``, ``SEQ_CLS``) and the base model it
+    was trained on (``base_model_name_or_path``, as the fine-tune named it)."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.is_file():
+        raise ConfigError(f"adapter not found: {adapter_dir} has no adapter_config.json")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def load_adapter(model: nn.Module, adapter_dir: str | Path, *, trainable: bool = False) -> nn.Module:
     """Put the saved adapter of ``adapter_dir`` (adapter_config.json + adapter_model.safetensors) on ``model``."""
     from peft import PeftModel
 
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise ConfigError(f"adapter not found: {adapter_dir} has no adapter_config.json")
+    adapter_config(adapter_dir)  # one line when it is missing
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+
+
+def max_input_len(model: nn.Module, requested: int) -> int:
+    """``requested``, or the model's ``max_position_embeddings`` when that is smaller: the length texts are cut to."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return min(requested, limit) if limit else requested
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -16,7 +16,8 @@ Training is pretrain's: the same ``fit()`` / ``train_step`` (its breakpoint line
 Run directory ``<out_dir>/<name>/``: ``config.yaml``, ``checkpoints/``, ``tb/``, ``metrics.jsonl`` (per step),
 ``label_map.json``, ``metrics.json`` (``eval``: the held-out test voices; ``val``: the validation voices;
 ``eval_noisy``: the test voices in coloured noise at ``noisy_test_snr_db``; each with accuracy, macro and per-class
-precision/recall/F1 and the confusion matrix).
+precision/recall/F1 and the confusion matrix), ``model.safetensors`` (the final weights: what
+``python -m <package>.predict RUN_DIR CLIPS...`` loads, classifiers/speech.py).
 
 Exit codes: 0 done, 2 bad input (config, audio files, existing run), 1 non-finite loss.
 """
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .classifiers.speech import save_model
 from .cli import run_cli
 from .config import ConfigError, DebugConfig
 from .config.speech import SpeechConfig
@@ -175,6 +177,7 @@ def finish(cfg: SpeechConfig, run_dir, model: nn.Module, data: SpeechData, histo
         print(f"test voices in noise at {cfg.noisy_test_snr_db:g} dB SNR: accuracy {noisy['accuracy']:.4f}", flush=True)
     model.train()
     report_final(run_dir, result, cfg.train.logger)
+    print(f"model written to {save_model(model, run_dir)}", flush=True)
     return result
 
 

@@ -16,7 +16,9 @@ Training is pretrain's: the same ``fit()`` / ``train_step`` (its breakpoint line
 Run directory ``<out_dir>/<name>/``: ``config.yaml``, ``label_map.json``, ``checkpoints/``, ``tb/``,
 ``metrics.jsonl`` (per step), ``metrics.json`` (final: ``eval`` = the test set, ``val`` = the validation set), and
 the model: ``model.safetensors`` (the from-scratch ResNet, input normalisation included) or ``hf/`` (a fine-tuned
-transformers ResNet, LoRA merged in; it expects the input adaptation of model/pretrained_resnet.py).
+transformers ResNet, LoRA merged in; it expects the input adaptation of model/pretrained_resnet.py), and
+``input_shape.json`` (the trained [C, H, W]): what ``python -m <package>.predict RUN_DIR IMAGES...`` loads
+(classifiers/vision.py).
 
 Exit codes: 0 done, 2 bad input (config, data, model path, existing run), 1 non-finite loss.
 """
@@ -28,6 +30,7 @@ from typing import Any
 
 from torch import nn
 
+from .classifiers.vision import save_model
 from .cli import run_cli
 from .config import ConfigError, DebugConfig
 from .config.vision import VisionConfig
@@ -41,9 +44,6 @@ from .runtime import RunContext, check_resume_labels, training_run
 from .train.distributed import barrier, resolve_device, unwrap
 from .train.logger import history_result, report_final
 from .train.loop import Job, evaluate_classifier, fit
-
-MODEL_FILE = "model.safetensors"
-MERGED_DIR = "hf"
 
 
 def load_splits(cfg: VisionConfig) -> images.Splits:
@@ -89,19 +89,6 @@ def flops_per_example(model: nn.Module, size: tuple[int, int]) -> float | None:
     return count(*size) if count is not None else None
 
 
-def save_model(model: nn.Module, run_dir: Path) -> Path:
-    """The trained weights in the run directory: see the module docstring."""
-    from safetensors.torch import save_file
-
-    if hasattr(model, "input_size"):  # PretrainedImageClassifier
-        inner = model.model
-        merged = inner.merge_and_unload() if hasattr(inner, "peft_config") else inner  # last use: merging mutates
-        merged.save_pretrained(str(run_dir / MERGED_DIR))
-        return run_dir / MERGED_DIR
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(run_dir / MODEL_FILE))
-    return run_dir / MODEL_FILE
-
-
 def finish(
     cfg: VisionConfig, run_dir: Path, model: nn.Module, splits: images.Splits, history: list[dict], autocast
 ) -> dict:
@@ -128,7 +115,7 @@ def finish(
             ),
         }
     report_final(run_dir, result, cfg.train.logger)
-    print(f"model written to {save_model(raw, run_dir)}", flush=True)
+    print(f"model written to {save_model(raw, run_dir, tuple(splits.train.images.shape[1:]))}", flush=True)
     return result
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import sys
@@ -41,13 +42,48 @@ def build_parser(cls: type, *, prog: str | None = None):
     )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
     parser.add_class_arguments(cls, fail_untyped=True, sub_configs=True)
+    add_debug_flags(parser, ActionYesNo(no_prefix="no-"), str | None)
+    return parser
+
+
+def add_debug_flags(parser: argparse.ArgumentParser, yes_no: Any, text: Any) -> None:
+    """The top-level :class:`DebugConfig` flags, with ``yes_no`` the action of a ``--flag`` / ``--no-flag`` pair
+    and ``text`` the type of the others (jsonargparse's and argparse's differ)."""
     for f in dataclasses.fields(DebugConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=ActionYesNo(no_prefix="no-"), default=f.default, help=_DEBUG_HELP[f.name])
+            parser.add_argument(flag, action=yes_no, default=f.default, help=_DEBUG_HELP[f.name])
         else:
-            parser.add_argument(flag, type=str | None, default=f.default, help=_DEBUG_HELP[f.name])
-    return parser
+            parser.add_argument(flag, type=text, default=f.default, help=_DEBUG_HELP[f.name])
+
+
+def debug_run_dir(run_dir: str | Path, debug: bool) -> Path:
+    """``run_dir``, or under ``--debug`` the run the same training wrote with ``--debug`` (its name + ``-debug``, as
+    :func:`parse_config` names it): what a tool that reads a run (``predict``, ``evaluate``) takes."""
+    path = Path(run_dir)
+    return path.with_name(path.name + "-debug") if debug and not path.name.endswith("-debug") else path
+
+
+class ToolParser(argparse.ArgumentParser):
+    """The parser of the tools that take positional arguments (``predict RUN_DIR INPUTS...``, ``evaluate RUN_DIR``)
+    where the programs' config dataclasses take only options: argparse, with the debug flags, and any error one line
+    with exit code 2 as everywhere else."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        add_debug_flags(self, argparse.BooleanOptionalAction, str)
+
+    def error(self, message: str):  # argparse's usage + message -> one line
+        fail(message)
+
+    def parse_tool_args(self, argv: list[str] | None = None) -> tuple[argparse.Namespace, DebugConfig]:
+        """(the tool's own arguments, the debug flags); options may come before, between or after positionals."""
+        ns = self.parse_intermixed_args(sys.argv[1:] if argv is None else list(argv))
+        names = [f.name for f in dataclasses.fields(DebugConfig)]
+        dbg = DebugConfig(**{name: getattr(ns, name) for name in names})
+        for name in names:
+            delattr(ns, name)
+        return ns, dbg
 
 
 def parse_config(cls: type[C], argv: list[str] | None = None, *, prog: str | None = None) -> tuple[C, DebugConfig]:

@@ -37,6 +37,9 @@ BUILTIN_CLASSIFY = BUILTIN_DIR / "classify.jsonl"
 
 GENRES = ("comedy", "tragedy", "history")
 SEED = 1234
+# Two of the SFT questions, also asked by the offline benchmark (data/benchmark.py) about held-out passages.
+PLAY_QUESTION = "Which play is this passage from?"
+GENRE_QUESTION = "Is this passage from a comedy, a tragedy or a history play?"
 
 
 @dataclass(frozen=True)
@@ -248,6 +251,11 @@ def _article(genre: str) -> str:
     return {"comedy": "a comedy", "tragedy": "a tragedy", "history": "a history play"}[genre]
 
 
+def genre_answer(genre: str) -> str:
+    """The SFT answer to :data:`GENRE_QUESTION`."""
+    return f"It is from {_article(genre)}."
+
+
 def _main_speakers(speeches: list[Speech], n: int) -> list[str]:
     """The `n` speakers with the most lines (ties by name)."""
     counts: dict[str, int] = {}
@@ -296,7 +304,7 @@ def build_sft_records(
     for _ in range(n_play):
         play = pick_play()
         text, _ = rng.choice(passages[play.info.key])
-        records.append({"prompt": f"Which play is this passage from?\n\n{text}", "response": play.info.title})
+        records.append({"prompt": f"{PLAY_QUESTION}\n\n{text}", "response": play.info.title})
 
     for _ in range(n_speaker):
         play = pick_play()
@@ -319,8 +327,8 @@ def build_sft_records(
         text, _ = rng.choice(passages[play.info.key])
         records.append(
             {
-                "prompt": f"Is this passage from a comedy, a tragedy or a history play?\n\n{text}",
-                "response": f"It is from {_article(play.info.genre)}.",
+                "prompt": f"{GENRE_QUESTION}\n\n{text}",
+                "response": genre_answer(play.info.genre),
             }
         )
     rng.shuffle(records)

@@ -135,9 +135,13 @@ def encode_rows(
     examples = []
     for i, row in enumerate(rows):
         label = label_map.encode(row[label_key], where=f"{source} row {i + 1}")
-        ids = tokenizer(row[text_key], add_special_tokens=True, truncation=True, max_length=max_len)["input_ids"]
-        examples.append({"input_ids": ids, "label": label})
+        examples.append({**encode_text(row[text_key], tokenizer, max_len), "label": label})
     return examples
+
+
+def encode_text(text: str, tokenizer: Any, max_len: int) -> dict[str, list[int]]:
+    """{"input_ids": ...} of one text, truncated to ``max_len``: how training and ``predict`` turn a text into ids."""
+    return {"input_ids": tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_len)["input_ids"]}
 
 
 def class_weights(examples: Sequence[dict[str, Any]], num_classes: int) -> Tensor:
@@ -148,15 +152,18 @@ def class_weights(examples: Sequence[dict[str, Any]], num_classes: int) -> Tenso
 
 
 def classify_batch(examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Tensor]:
-    """Right padding: input_ids / attention_mask [B, T] and labels [B] (class ids)."""
+    """Right padding: input_ids / attention_mask [B, T] and labels [B] (class ids; only when the examples have
+    them: new texts to classify have none)."""
     T = max(len(e["input_ids"]) for e in examples)
     input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), T), dtype=torch.long)
     for b, e in enumerate(examples):
         input_ids[b, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
         attention_mask[b, : len(e["input_ids"])] = 1
-    labels = torch.tensor([e["label"] for e in examples], dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if "label" in examples[0]:
+        batch["labels"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
+    return batch
 
 
 def classify_collate(pad_id: int):
@@ -174,3 +181,34 @@ def split_rows(
         if train:
             return train, val
     return holdout(rows, val_fraction, seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Texts as files (what ``predict`` reads, one text per file)
+# ----------------------------------------------------------------------------------------------------------------------
+TEXT_SUFFIXES = (".txt",)
+
+
+def read_text_file(path: str | Path) -> str:
+    """A file's whole content as one text, its final line break dropped (editors add one; training texts have none).
+    Unreadable, non-UTF-8 or empty files are a ConfigError naming the file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: unreadable text file ({' '.join(str(err).split())})") from err
+    if not text.strip():
+        raise ConfigError(f"{path}: empty text file")
+    return text
+
+
+def write_texts(
+    rows: Sequence[dict[str, Any]], out_dir: str | Path, text_key: str = "text", label_key: str = "label"
+) -> list[Path]:
+    """Each row's text as ``out_dir/<label>/<n>.txt`` (the label is the folder: the files can be scored)."""
+    paths = []
+    for i, row in enumerate(rows):
+        path = Path(out_dir) / str(row[label_key]) / f"{i:05d}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(row[text_key], encoding="utf-8")
+        paths.append(path)
+    return paths

@@ -134,7 +134,9 @@ def load_mnist(root: str | Path) -> tuple[ImageSet, ImageSet | None]:
     return train, test
 
 
-def _read_image(path: Path, color: bool, size: int | None) -> Tensor:
+def read_image(path: Path, color: bool, size: int | None) -> Tensor:
+    """One image file as float32 [C, H, W] in [0, 1]: grey (C = 1) or RGB (``color``), resized to ``size`` x ``size``
+    when given: how a class folder is read for training, and a new image for ``predict``."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -161,7 +163,7 @@ def load_folder(root: str | Path, image_size: int | None = None, color: bool = F
     ]
     if len(names) < 2 or not files:
         raise ConfigError(f"{root}: expected at least 2 class sub-folders of images, found {names}")
-    tensors = [_read_image(f, color, image_size) for f, _ in files]
+    tensors = [read_image(f, color, image_size) for f, _ in files]
     shapes = {tuple(t.shape) for t in tensors}
     if len(shapes) > 1:
         raise ConfigError(f"{root}: images of different sizes {sorted(shapes)[:3]}: set --data.image_size")
@@ -193,8 +195,14 @@ def load_images(
 def resize(data: ImageSet, size: int) -> ImageSet:
     if data.images.shape[-2:] == (size, size):
         return data
-    images = F.interpolate(data.images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return ImageSet(images.clamp(0, 1), data.labels, data.names, data.source)
+    return ImageSet(resize_images(data.images, (size, size)), data.labels, data.names, data.source)
+
+
+def resize_images(images: Tensor, size: tuple[int, int]) -> Tensor:
+    """[N, C, H, W] -> [N, C, *size], antialiased bilinear (a no-op at that size already)."""
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    return F.interpolate(images, size=tuple(size), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
 
 
 def check_pixels(data: ImageSet) -> ImageSet:
@@ -265,3 +273,18 @@ def image_collate(items: list[tuple[Tensor, int]]) -> dict[str, Tensor]:
     DataLoader workers can pickle it)."""
     images, labels = zip(*items, strict=True)
     return {"pixel_values": torch.stack(images), "labels": torch.tensor(labels, dtype=torch.long)}
+
+
+def write_images(data: ImageSet, out_dir: str | Path) -> list[Path]:
+    """Every image as an 8-bit PNG ``out_dir/<label>/<n>.png`` (grey or RGB; the label is the folder, as
+    :func:`load_folder` reads it)."""
+    from PIL import Image
+
+    paths = []
+    for i, (image, label) in enumerate(zip(data.images, data.labels.tolist(), strict=True)):
+        path = Path(out_dir) / data.names[label] / f"{i:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8)
+        Image.fromarray(pixels[0].numpy() if len(pixels) == 1 else pixels.permute(1, 2, 0).numpy()).save(path)
+        paths.append(path)
+    return paths

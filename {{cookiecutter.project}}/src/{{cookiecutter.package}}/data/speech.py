@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..config.speech import SPEECH_WORDS
-from .wav import mulaw_decode, read_wav, resample
+from .wav import mulaw_decode, read_wav, resample, write_wav
 
 WORDS = SPEECH_WORDS
 SPLITS = ("train", "val", "test")
@@ -122,12 +122,28 @@ def load_speech_commands(root: Path, sample_rate: int, clip_samples: int, words:
         for wav in sorted((root / word).glob("*.wav")):
             rel = f"{word}/{wav.name}"
             split = next((s for s, entries in held_out.items() if rel in entries), "train")
-            splits[split].append(Clip(read_wav(wav, sample_rate)[:clip_samples], label, rel))
+            splits[split].append(Clip(read_clip(wav, sample_rate, clip_samples), label, rel))
     skipped = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in words and p.name != NOISE_DIR)
     if skipped:
         print(f"notice: {len(skipped)} word folders not in data.words skipped: {', '.join(skipped)}", flush=True)
     noise = [read_wav(p, sample_rate) for p in sorted((root / NOISE_DIR).glob("*.wav"))]
     return SpeechData(list(words), sample_rate, **splits, noise=noise)
+
+
+def read_clip(path: str | Path, sample_rate: int, clip_samples: int) -> np.ndarray:
+    """A WAV file as a clip: mono at ``sample_rate``, cut to ``clip_samples`` (how training reads Speech Commands
+    and ``predict`` a new file). Raises :class:`~.wav.AudioError` (one line naming the file)."""
+    return read_wav(path, sample_rate)[:clip_samples]
+
+
+def write_clips(clips: Sequence[Clip], labels: Sequence[str], out_dir: str | Path, sample_rate: int) -> list[Path]:
+    """Every clip as a 16-bit WAV ``out_dir/<word>/<n>.wav`` (the word is the folder, as in Speech Commands)."""
+    paths = []
+    for i, clip in enumerate(clips):
+        path = Path(out_dir) / labels[clip.label] / f"{i:05d}.wav"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        paths.append(write_wav(path, clip.audio, sample_rate))
+    return paths
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -141,10 +157,15 @@ def place(audio: np.ndarray, clip_samples: int) -> np.ndarray:
     return out
 
 
+def stack_clips(audio: Sequence[np.ndarray], clip_samples: int) -> Tensor:
+    """Waveforms -> float [B, clip_samples], each centred by :func:`place`."""
+    return torch.from_numpy(np.stack([place(a, clip_samples) for a in audio]))
+
+
 def collate_clips(clip_samples: int, clips: list[Clip]) -> dict[str, Tensor]:
     """[Clip] -> {"input_values": float [B, clip_samples], "labels": long [B]} (HF's name for raw audio)."""
-    audio = np.stack([place(c.audio, clip_samples) for c in clips])
-    return {"input_values": torch.from_numpy(audio), "labels": torch.tensor([c.label for c in clips], dtype=torch.long)}
+    labels = torch.tensor([c.label for c in clips], dtype=torch.long)
+    return {"input_values": stack_clips([c.audio for c in clips], clip_samples), "labels": labels}
 
 
 def speech_collate(clip_samples: int) -> Callable[[list[Clip]], dict[str, Tensor]]:
