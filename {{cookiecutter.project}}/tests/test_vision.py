@@ -18,7 +18,6 @@ import torch
 from safetensors.torch import load_file
 
 from {{ cookiecutter.package }} import vision
-from {{ cookiecutter.package }}.classifiers import MODEL_FILE
 from {{ cookiecutter.package }}.classifiers.vision import MERGED_DIR
 from {{ cookiecutter.package }}.config import ConfigError, parse_config
 from {{ cookiecutter.package }}.config.vision import ImageAugmentConfig, ResNetConfig, VisionConfig
@@ -26,6 +25,7 @@ from {{ cookiecutter.package }}.data import images
 from {{ cookiecutter.package }}.data.batches import ExampleBatches, iter_batches
 from {{ cookiecutter.package }}.data.image_augment import augment_images, make_augment
 from {{ cookiecutter.package }}.model.resnet import BasicBlock, ResNet
+from {{ cookiecutter.package }}.train.checkpoint import MODEL_FILE
 
 TINY = ResNetConfig(widths=[8, 16], blocks=[1, 1])  # the debug profile's model
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -378,7 +378,7 @@ def test_early_stopping_ends_with_the_best_checkpoint_and_exports_it(tmp_path):
     assert result["weights"] == "of the best checkpoint, step 4 (early stopping)"
     assert result["val"]["accuracy"] == evals[0]["eval_accuracy"]
     assert result["val"]["loss"] == pytest.approx(evals[0]["eval_loss"], abs=1e-6)
-    saved = load_file(run_dir / vision.MODEL_FILE)
+    saved = load_file(run_dir / MODEL_FILE)
     best = load_file(run_dir / "checkpoints" / "step-000004" / "model.safetensors")
     assert saved.keys() == best.keys() and all(torch.equal(saved[k], best[k]) for k in saved)
 

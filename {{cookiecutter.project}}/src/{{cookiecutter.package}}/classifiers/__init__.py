@@ -25,8 +25,6 @@ from ..config import ConfigError
 from ..train.logger import METRICS_FILE
 from ..train.state import load_model_weights
 
-MODEL_FILE = "model.safetensors"  # a from-scratch model's final weights (its whole state dict, train.state's format)
-
 
 @dataclass
 class Classifier:

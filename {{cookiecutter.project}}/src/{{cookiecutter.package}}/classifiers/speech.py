@@ -15,8 +15,9 @@ from ..config.speech import SpeechConfig
 from ..data.classify import LabelMap
 from ..data.speech import read_clip, stack_clips
 from ..data.wav import AudioError
+from ..train.checkpoint import MODEL_FILE  # a from-scratch model's final weights: a checkpoint's file name
 from ..train.state import save_model_weights
-from . import MODEL_FILE, Classifier, load_weights
+from . import Classifier, load_weights
 
 AUDIO_SUFFIXES = (".wav",)
 

@@ -19,8 +19,9 @@ from ..config import ConfigError, load_config
 from ..config.vision import VisionConfig
 from ..data import images
 from ..data.classify import LabelMap
+from ..train.checkpoint import MODEL_FILE  # a from-scratch model's final weights: a checkpoint's file name
 from ..train.state import save_model_weights
-from . import MODEL_FILE, Classifier, load_weights
+from . import Classifier, load_weights
 
 MERGED_DIR = "hf"
 INPUT_FILE = "input_shape.json"
