@@ -1,16 +1,19 @@
 """Shape the generated project to the answers, record them, and say what to do next.
 
 Runs inside the new project directory. Nothing here is required for the project's tests to pass: creating the
-virtual environment is opt-in and only warns when it fails.
+virtual environment is opt-in and only warns when it fails. When cruft renders the template only to compare two
+versions of it (`cruft update`, `cruft diff`), the hook shapes the files and does nothing else.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ANSWERS = json.loads(r"""{{ cookiecutter | tojson }}""")
@@ -25,11 +28,12 @@ def remove(relative: str) -> None:
         path.unlink()
 
 
-# What each extra project adds (extra_projects): its files go unless the answer selects it. The shared files (config,
-# debug profile, README, Makefile, IDE launch.json) hold its parts inside Jinja conditions instead.
+# What each extra project adds (extra_projects): its files go unless the answer selects it. The shared files (debug
+# profile, README, Makefile, IDE launch.json) hold its parts inside Jinja conditions instead.
 EXTRA_PROJECT_FILES = {
     "vision": [
         "src/{package}/vision.py",
+        "src/{package}/config/vision.py",
         "src/{package}/model/resnet.py",
         "src/{package}/data/images.py",
         "src/{package}/model/pretrained_resnet.py",
@@ -41,6 +45,7 @@ EXTRA_PROJECT_FILES = {
     ],
     "speech": [
         "src/{package}/speech.py",
+        "src/{package}/config/speech.py",
         "src/{package}/model/conformer.py",
         "src/{package}/data/speech.py",
         "src/{package}/data/wav.py",
@@ -83,15 +88,33 @@ def record_answers() -> None:
     (PROJECT / ".cookiecutter.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def init_git() -> None:
+def rendered_for_a_diff() -> bool:
+    """Whether cruft renders this copy only to diff it: `cruft update` and `cruft diff` render the old and the new
+    template into fresh `tempfile.mkdtemp()` directories and patch the user's project with the difference, so a .git
+    made here would be patched into the project (and the update lost), and a .venv built here thrown away.
+
+    cruft's context carries `_commit` (plain cookiecutter's never does) and `cruft create` renders where the user says,
+    not straight into a bare temporary directory."""
+    if "_commit" not in ANSWERS:
+        return False
+    render_dir = PROJECT.resolve().parent
+    in_temp = render_dir.parent == Path(tempfile.gettempdir()).resolve()
+    return in_temp and re.fullmatch(r"tmp[a-z0-9_]{8}", render_dir.name) is not None
+
+
+def init_git() -> bool:
+    """A repository with every file staged: the user's first commit is theirs to make (with `.cruft.json`, which cruft
+    writes after this hook); `cruft update` wants that clean tree."""
     git = shutil.which("git")
     if git is None or (PROJECT / ".git").exists():
-        return
+        return False
     try:
         subprocess.run([git, "init", "--quiet"], cwd=PROJECT, check=True)
         subprocess.run([git, "add", "--all"], cwd=PROJECT, check=True)
     except subprocess.CalledProcessError as error:
         print(f"warning: git init failed ({error}); the project is complete without it", file=sys.stderr)
+        return False
+    return True
 
 
 def create_venv() -> bool:
@@ -110,8 +133,10 @@ def create_venv() -> bool:
     return True
 
 
-def next_steps(venv_ready: bool) -> str:
+def next_steps(git_ready: bool, venv_ready: bool) -> str:
     steps = [f"cd {PROJECT.name}"]
+    if git_ready:
+        steps.append('git add --all && git commit -m "New project from the llm-lab template"')
     if not venv_ready:
         steps.append("make setup            # .venv, the PyTorch build for this machine, pip install -e '.[dev]'")
     steps += [
@@ -126,6 +151,7 @@ def next_steps(venv_ready: bool) -> str:
 
 prune()
 record_answers()
-init_git()
-ready = create_venv() if ANSWERS["create_venv"] == "yes" else False
-print(next_steps(ready))
+if not rendered_for_a_diff():
+    git_ready = init_git()
+    venv_ready = create_venv() if ANSWERS["create_venv"] == "yes" else False
+    print(next_steps(git_ready, venv_ready))

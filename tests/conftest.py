@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import site
 import subprocess
 import sys
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import pytest
 from cookiecutter.main import cookiecutter
+
+pytest_plugins = ["ci_skips"]
 
 TEMPLATE = Path(__file__).resolve().parents[1]
 DEFAULT_PROJECT = "llm-lab"
@@ -86,6 +89,15 @@ def command(argv: list, *, timeout: float = 600, check: bool = True, **kwargs) -
 def run(project: Path, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run ``python *args`` in a baked project the way its README says, with a bounded wait."""
     return command([sys.executable, *args], cwd=project, env=project_env(project), timeout=timeout, check=check)
+
+
+def tool(name: str) -> str | None:
+    """A command the test requirements install (hadolint, shellcheck, ...): beside the interpreter running the tests
+    first, since `make test` runs `.venv/bin/python` without putting `.venv/bin` on PATH, then on PATH."""
+    beside = Path(sys.executable).parent / name  # not resolved: a venv's python is a link out of its bin/
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which(name)
 
 
 def venv_sharing_this_environment(path: Path) -> Path:

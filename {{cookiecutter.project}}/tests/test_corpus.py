@@ -1,4 +1,5 @@
-"""Readers, packing, the content-hash cache, and the TokenWindows / EvalWindows batch sources."""
+"""Sources (files -> documents), the token cache (packing, content-hash key) and the TokenWindows / EvalWindows
+batch sources."""
 
 import json
 
@@ -6,18 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from {{ cookiecutter.package }}.data import corpus
+from {{ cookiecutter.package }}.data import token_cache
 from {{ cookiecutter.package }}.data.builtin import read_corpus_text
-from {{ cookiecutter.package }}.data.corpus import (
-    EvalWindows,
-    TokenWindows,
-    iter_documents,
-    jsonl_texts,
-    prepare_corpus,
-    read_text_dir,
-    token_dtype,
-    tokenize_corpus,
-)
+from {{ cookiecutter.package }}.data.corpus import EvalWindows, TokenWindows, prepare_corpus
+from {{ cookiecutter.package }}.data.sources import iter_documents, jsonl_texts
+from {{ cookiecutter.package }}.data.token_cache import token_dtype, tokenize_corpus
 from {{ cookiecutter.package }}.data.tokenizer import train_tokenizer
 
 TEXT = read_corpus_text()[:40_000]
@@ -41,8 +35,8 @@ def text_dir(tmp_path):
 
 
 def test_readers(tmp_path, text_dir):
-    assert list(read_text_dir(text_dir, suffixes=(".txt", ".md"))) == [TEXT[:15_000], TEXT[15_000:30_000]]
-    assert list(read_text_dir(text_dir, suffixes=(".txt",))) == [TEXT[:15_000]]
+    assert list(iter_documents(text_dir, suffixes=(".txt", ".md"))) == [TEXT[:15_000], TEXT[15_000:30_000]]
+    assert list(iter_documents(text_dir, suffixes=(".txt",))) == [TEXT[:15_000]]
     p = tmp_path / "d.jsonl"
     p.write_text(json.dumps({"text": "one", "id": 1}) + "\n\n" + json.dumps({"body": "two", "text": "three"}) + "\n")
     assert list(jsonl_texts(p)) == ["one", "three"]
@@ -97,13 +91,13 @@ def test_tiny_corpus_still_gets_validation(tmp_path, tok):
 
 def test_cache_reuse_and_invalidation(tmp_path, tok, monkeypatch):
     calls = []
-    real_pack = corpus.pack_documents
+    real_pack = token_cache.pack_documents
 
     def counting_pack(*args, **kwargs):
         calls.append(1)
         return real_pack(*args, **kwargs)
 
-    monkeypatch.setattr(corpus, "pack_documents", counting_pack)
+    monkeypatch.setattr(token_cache, "pack_documents", counting_pack)
     f = tmp_path / "c.txt"
     f.write_text(TEXT[:10_000])
     first = tokenize_corpus(f, tok, tmp_path / "cache", chunk_tokens=512)

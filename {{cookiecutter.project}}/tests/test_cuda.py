@@ -13,14 +13,8 @@ import pytest
 import torch
 
 from {{ cookiecutter.package }} import bench, finetune
-from {{ cookiecutter.package }}.config import (
-    FinetuneConfig,
-    FinetuneDataConfig,
-    LoraSettings,
-    ModelConfig,
-    OptimConfig,
-    TrainConfig,
-)
+from {{ cookiecutter.package }}.config import LoraSettings, ModelConfig, OptimConfig, TrainConfig
+from {{ cookiecutter.package }}.config.finetune import FinetuneConfig, FinetuneDataConfig
 from {{ cookiecutter.package }}.data.corpus import TokenWindows
 from {{ cookiecutter.package }}.model.lm import LlamaLM
 from {{ cookiecutter.package }}.train.optim import build_optimizer
@@ -52,7 +46,7 @@ def test_bf16_loss_within_one_percent_of_fp32_after_50_steps(pattern_tokens):
 def test_five_compiled_pretrain_runs_in_a_row(pretrain_args, subprocess_env, package_name):
     # The crashes this guards against (a segfault, aot_autograd "invalid shape dimension") came and went between runs.
     for i in range(5):
-        args = [*pretrain_args, "--name", f"compiled-{i}", "--train.device", "cuda", "--train.compile", "true"]
+        args = [*pretrain_args, "--name", f"compiled-{i}", "--train.device", "cuda", "--train.compile", "always"]
         args += ["--train.precision", "bf16"]
         proc = subprocess.run(
             [sys.executable, "-m", f"{package_name}.pretrain", *args],

@@ -12,7 +12,8 @@ from torch import nn
 
 from {{ cookiecutter.package }} import debug
 from {{ cookiecutter.package }}.config import DebugConfig
-from {{ cookiecutter.package }}.debug import NonFiniteError, NonFiniteGuard, parse_address
+from {{ cookiecutter.package }}.debug import NonFiniteGuard, parse_address
+from {{ cookiecutter.package }}.train.step import NonFiniteError
 
 
 @pytest.fixture

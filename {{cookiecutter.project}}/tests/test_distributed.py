@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import json
+import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from {{ cookiecutter.package }} import pretrain
 from {{ cookiecutter.package }}.train import distributed as D
@@ -100,6 +104,49 @@ def test_ddp_accumulation_matches_plain_model(gloo_world_of_one, tiny_model):
             torch.testing.assert_close(p, q)
     buckets = sorted({index for _, index in synced})
     assert synced and sorted(synced) == [(mb, index) for mb in (3, 6) for index in buckets]
+
+
+def _step_on_rank(rank: int, store: str, model: torch.nn.Module, micro_by_rank: list, out_dir: Path) -> None:
+    """One train_step of a DDP model on gloo rank ``rank`` of 2 (a process of its own); its loss and applied
+    gradients go to a file."""
+    torch.set_num_threads(1)
+    timeout = datetime.timedelta(seconds=120)  # a rank that never arrives fails the test instead of hanging it
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=timeout)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    grads: list[torch.Tensor] = []
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    result = train_step(
+        ddp, micro_by_rank[rank], opt, None, grad_clip=0.0, autocast=contextlib.nullcontext(), step=1,
+        on_gradients=lambda: grads.extend(p.grad.clone() for p in model.parameters()),
+    )  # fmt: skip
+    torch.save({"loss": result.loss, "tokens": result.tokens, "grads": grads}, out_dir / f"rank{rank}.pt")
+    # No teardown: freeing a gloo group can deadlock (its destructor joins a worker thread that waits for the GIL
+    # to release a tensor), and this process has nothing left to do.
+    os._exit(0)
+
+
+def test_two_ranks_with_uneven_targets_equal_one_big_batch(tmp_path, tiny_model, uneven_batch):
+    """Two gloo ranks, two micro-batches each, with 1 + 15 and 15 + 15 targets: every rank applies the gradient of
+    the step's mean over all 46 targets, as one process with the four rows in one batch does (DDP's division by the
+    world size undone, the target count summed over the ranks before the first forward)."""
+    rows = [{k: v[i : i + 1] for k, v in uneven_batch.items()} for i in range(2)]  # 1 and 15 targets
+    micro_by_rank = [[rows[0], rows[1]], [rows[1], rows[1]]]
+    whole_batch = {k: torch.cat([mb[k] for rank in micro_by_rank for mb in rank]) for k in uneven_batch}
+    mp.spawn(_step_on_rank, args=(str(tmp_path / "store"), tiny_model, micro_by_rank, tmp_path), nprocs=2)
+
+    grads: list[torch.Tensor] = []
+    params = list(tiny_model.parameters())
+    opt = torch.optim.SGD(params, lr=0.0)
+    whole = train_step(
+        tiny_model, [whole_batch], opt, None, grad_clip=0.0, autocast=contextlib.nullcontext(), step=1,
+        on_gradients=lambda: grads.extend(p.grad.clone() for p in params),
+    )  # fmt: skip
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert float(got["loss"]) == pytest.approx(float(whole.loss), rel=1e-5)
+        assert float(got["tokens"]) == float(whole.tokens) == 4 * 16
+        for a, b in zip(got["grads"], grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def _losses(path) -> list[float]:

@@ -17,16 +17,9 @@ from sklearn import metrics as skm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from {{ cookiecutter.package }} import finetune
-from {{ cookiecutter.package }}.config import (
-    FinetuneConfig,
-    FinetuneDataConfig,
-    GenerateConfig,
-    LoraSettings,
-    OptimConfig,
-    SampleConfig,
-    TrainConfig,
-    parse_config,
-)
+from {{ cookiecutter.package }}.config import LoraSettings, OptimConfig, SampleConfig, TrainConfig, parse_config
+from {{ cookiecutter.package }}.config.finetune import FinetuneConfig, FinetuneDataConfig
+from {{ cookiecutter.package }}.config.generate import GenerateConfig
 from {{ cookiecutter.package }}.data import sft as sft_data
 from {{ cookiecutter.package }}.lora import load_adapter
 
@@ -189,6 +182,19 @@ def test_classify_loss_falls_with_label_map_and_metrics(tmp_path, ft_hf_dir, cla
     assert adapter_cfg["task_type"] == "SEQ_CLS" and "score" in adapter_cfg["modules_to_save"]
 
 
+def test_final_evaluation_runs_under_the_training_autocast(tmp_path, ft_hf_dir, sft_file, sft_val_file, monkeypatch):
+    """bf16: the final evaluation of the validation set gives the number the evaluation of the same set at the last
+    step gave, on the same weights; an fp32 final evaluation differs from it in the third digit."""
+    from {{ cookiecutter.package }} import runtime
+
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: True)  # bf16 autocast runs on any CPU, if slowly
+    train = {"max_steps": 2, "eval_every": 2, "precision": "bf16"}
+    cfg = _cfg("sft", ft_hf_dir, sft_file, tmp_path / "runs", data={"val_path": str(sft_val_file)}, train=train)
+    result = finetune.run(cfg)
+    last = json.loads((tmp_path / "runs" / "sft" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert result["eval"]["loss"] == pytest.approx(last["eval_loss"], rel=1e-6)
+
+
 def test_resume_restores_adapter_and_optimizer_exactly(tmp_path, ft_hf_dir, sft_file):
     full = _cfg("sft", ft_hf_dir, sft_file, tmp_path / "runs", name="full", train={"max_steps": 4, "save_every": 2})
     finetune.run(full)
@@ -296,8 +302,8 @@ def test_shipped_finetune_configs_parse(task):
     cli, _ = parse_config(FinetuneConfig, ["--task", task, "--lora.target_modules", "[all-linear]", "--lora.r", "4"])
     assert cli.name == f"finetune-{task}" and cli.lora.target_modules == ["all-linear"] and cli.lora.r == 4
     assert parse_config(FinetuneConfig, [])[0].lora.target_modules is None  # per-architecture default
-    gen, _ = parse_config(GenerateConfig, ["--prompt", "Hi", "--chat", "true", "--temperature", "0"])
-    assert gen.chat is True and gen.adapter is None
+    gen, _ = parse_config(GenerateConfig, ["--prompt", "Hi", "--chat", "always", "--temperature", "0"])
+    assert gen.chat == "always" and gen.adapter is None
 
 
 def test_attached_debugger_trains_without_workers(tmp_path, ft_hf_dir, sft_file, monkeypatch, capsys):

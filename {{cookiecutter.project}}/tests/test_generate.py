@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 
 from {{ cookiecutter.package }} import generate
-from {{ cookiecutter.package }}.config import GenerateConfig, LoraSettings
-from {{ cookiecutter.package }}.data.sft import prompt_ids
+from {{ cookiecutter.package }}.config import LoraSettings
+from {{ cookiecutter.package }}.config.generate import GenerateConfig
+from {{ cookiecutter.package }}.data.sft import prompt_ids, stop_token_ids
 from {{ cookiecutter.package }}.lora import apply_lora, load_model
 from {{ cookiecutter.package }}.model.hf import import_hf
 
@@ -45,8 +49,19 @@ def test_sft_adapter_uses_the_training_template(tmp_path, ft_hf_dir, capsys):
     expected = model.eval().generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
                                      do_sample=False, eos_token_id=[0, 3], pad_token_id=tok.pad_token_id)  # fmt: skip
     assert text == "Who speaks?\n" + tok.decode(expected[0, ids.shape[1] :], skip_special_tokens=True)
-    plain = generate.run(_cfg(ft_hf_dir, adapter=str(tmp_path / "sft"), prompt="Who speaks?", chat=False))
+    plain = generate.run(_cfg(ft_hf_dir, adapter=str(tmp_path / "sft"), prompt="Who speaks?", chat="never"))
     assert plain != text
+
+
+def test_chat_always_renders_the_template_without_an_adapter(ft_hf_dir):
+    text = generate.run(_cfg(ft_hf_dir, prompt="Who speaks?", chat="always"))
+    model, tok = load_model(ft_hf_dir, "sft")
+    ids = torch.tensor([prompt_ids("Who speaks?", tok)])
+    stop = stop_token_ids(tok)
+    expected = model.eval().generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                     do_sample=False, eos_token_id=stop, pad_token_id=tok.pad_token_id)  # fmt: skip
+    assert text == "Who speaks?\n" + tok.decode(expected[0, ids.shape[1] :], skip_special_tokens=True)
+    assert text != generate.run(_cfg(ft_hf_dir, prompt="Who speaks?"))  # auto: no adapter, no template
 
 
 def _expect_exit(capsys, argv, match):
@@ -66,3 +81,20 @@ def test_errors_are_one_line(tmp_path, ft_hf_dir, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _expect_exit(capsys, ["--debug"], "pretrain --debug")
     _expect_exit(capsys, [], "run pretrain first")
+
+
+def test_no_entry_point_imports_another():
+    """Jobs share code through the modules below them (generate and finetune: lora.generate_ids and
+    lora.pretrain_export_dir), so running or reading one never loads another's set-up."""
+    jobs = {"pretrain", "finetune", "generate", "vision", "speech", "bench"}
+    package_dir = Path(generate.__file__).parent
+    found = []
+    for job in sorted(jobs):
+        path = package_dir / f"{job}.py"
+        if not path.is_file():
+            continue  # vision / speech: only where the extra projects were chosen
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:  # from .x import ... / from . import x
+                names = [node.module] if node.module else [alias.name for alias in node.names]
+                found += [f"{job} -> {name}" for name in names if name.split(".")[0] in jobs]
+    assert not found, found

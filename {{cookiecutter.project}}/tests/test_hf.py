@@ -14,11 +14,11 @@ TOL = dict(atol=1e-4, rtol=1e-4)
 VOCAB = 73
 
 
-def ours(tie: bool = True, n_kv_heads: int = 2, seed: int = 0) -> LlamaLM:
+def ours(tie: bool = True, n_kv_heads: int = 2, seed: int = 0, attention: str = "sdpa") -> LlamaLM:
     torch.manual_seed(seed)
     config = ModelConfig(
         vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, max_seq_len=64, multiple_of=16,
-        rope_theta=1000.0, tie_embeddings=tie, init_std=0.05,
+        rope_theta=1000.0, tie_embeddings=tie, init_std=0.05, attention=attention,
     )  # fmt: skip
     return LlamaLM(config).eval()
 
@@ -131,3 +131,18 @@ def test_clear_errors(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         import_hf(tmp_path)
+
+
+def test_export_is_the_same_whatever_attention_trained_it(tmp_path):
+    """The attention choice is how attention is computed, not a weight or a transformers setting: the export of a
+    written-out model is byte for byte the SDPA one's, and importing it gives the default (SDPA), same logits."""
+    written = ours(attention="written_out")
+    export_hf(written, tmp_path / "written")
+    export_hf(ours(), tmp_path / "sdpa")
+    for name in ("config.json", "model.safetensors"):
+        assert (tmp_path / "written" / name).read_bytes() == (tmp_path / "sdpa" / name).read_bytes()
+    imported = import_hf(tmp_path / "written").eval()
+    assert imported.config.attention == "sdpa" and not imported.layers[0].self_attn.written_out
+    ids, _ = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(imported(ids).logits, written(ids).logits, **TOL)

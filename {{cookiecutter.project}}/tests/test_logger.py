@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from {{ cookiecutter.package }}.data.corpus import TokenWindows
-from {{ cookiecutter.package }}.train.logger import GradHealth, RunLogger, StepLog
-from {{ cookiecutter.package }}.train.loop import fit
-from {{ cookiecutter.package }}.train.step import NonFiniteLossError, StepResult, train_step
+from {{ cookiecutter.package }}.runtime import resolve_start
+from {{ cookiecutter.package }}.train.health import GradHealth
+from {{ cookiecutter.package }}.train.logger import RunLogger, StepLog
+from {{ cookiecutter.package }}.train.loop import RunSetup, fit
+from {{ cookiecutter.package }}.train.step import NonFiniteError, StepResult, train_step
 
 
 def _result(loss: float, grad_norm: float = 1.0, tokens: int = 64) -> StepResult:
@@ -41,7 +43,7 @@ def test_step_log_stops_at_the_first_skipped_step():
         log.add(step, _result(loss))
     records = log.read()
     assert [r["step"] for r in records] == [1, 2]  # up to and including the bad one, nothing after it
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 2"):
+    with pytest.raises(NonFiniteError, match=r"non-finite loss \(nan\) at step 2"):
         log.raise_if_failed()
 
 
@@ -85,7 +87,7 @@ def test_run_logger_off_rank_0_writes_nothing(tmp_path, tiny_train_config, capsy
 
 def _health_run(model, cfg, tokens, tmp_path):
     source = TokenWindows(tokens, cfg.batch_size, 16, seed=0)
-    return fit(model, source, cfg, tmp_path / "run", progress=False)
+    return fit(model, source, cfg, tmp_path / "run")
 
 
 def test_grad_health_writes_per_module_series_to_tensorboard(tiny_model, tiny_train_config, pattern_tokens, tmp_path):
@@ -105,6 +107,44 @@ def test_grad_health_writes_per_module_series_to_tensorboard(tiny_model, tiny_tr
     assert 0 < ratio < 1  # AdamW moved the weights, by a small fraction of their size
 
 
+def test_grad_stats_off_writes_no_per_module_series(tiny_model, tiny_train_config, pattern_tokens, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = dataclasses.replace(tiny_train_config, max_steps=2, logger="tensorboard", grad_stats=False)
+    _health_run(tiny_model, cfg, pattern_tokens, tmp_path)
+    events = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"histograms": 0, "scalars": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert "train/loss" in scalars and not events.Tags()["histograms"]
+    assert not [tag for tag in scalars if tag.startswith(("grad_norm/", "weight_norm/", "update_ratio/"))]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_update_ratio_is_the_weights_relative_move_without_a_copy_of_them(tiny_model, pattern_tokens, fused):
+    """The update derived from AdamW's moments is the one the weights made: decay and no-decay groups, amsgrad off,
+    a learning rate the scheduler changes every step, against a copy of the weights taken here, not by GradHealth."""
+    groups = [
+        {"params": [p for p in tiny_model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+        {"params": [p for p in tiny_model.parameters() if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=1e-2, fused=fused, foreach=not fused)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+    health = GradHealth(tiny_model, opt, every=1)
+    source = TokenWindows(pattern_tokens, 4, 16, seed=0)
+    for step in range(1, 4):
+        before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+        train_step(
+            tiny_model, [source.next_batch()], opt, sched, grad_clip=1.0, autocast=contextlib.nullcontext(),
+            step=step, on_gradients=health.capture_gradients,
+        )  # fmt: skip
+        health.capture_update(step)
+        stats = health.read()[1]
+        for module in ("embed_tokens", "layers.0.self_attn.q_proj", "layers.1.mlp.down_proj", "norm"):
+            weight = dict(tiny_model.named_parameters())[f"{module}.weight"].detach()
+            expected = float((weight - before[f"{module}.weight"]).norm() / weight.norm())
+            assert stats[module]["update_ratio"] == pytest.approx(expected, rel=1e-4), (step, module)
+
+
 def test_zeroed_layer_triggers_the_vanishing_warning_naming_it(
     tiny_model, tiny_train_config, pattern_tokens, tmp_path, capsys
 ):
@@ -120,8 +160,8 @@ def test_zeroed_layer_triggers_the_vanishing_warning_naming_it(
 
 
 def test_huge_learning_rate_triggers_the_exploding_warning_before_the_loss_turns_nan(tiny_model, pattern_tokens):
-    health = GradHealth(tiny_model, every=1)
     opt = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3, fused=True)
+    health = GradHealth(tiny_model, opt, every=1)
     source = TokenWindows(pattern_tokens, 4, 16, seed=0)
     warned_at, nan_at = None, None
     for step in range(1, 31):
@@ -203,7 +243,7 @@ def test_wandb_offline_run_logs_what_metrics_jsonl_has_and_resume_keeps_its_id(
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = dataclasses.replace(tiny_train_config, max_steps=4, log_every=2, save_every=2, logger="wandb")
     run_dir = tmp_path / "run"
-    fit(tiny_model, TokenWindows(pattern_tokens, cfg.batch_size, 16, seed=0), cfg, run_dir, progress=False)
+    fit(tiny_model, TokenWindows(pattern_tokens, cfg.batch_size, 16, seed=0), cfg, run_dir)
     (path,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
     run_id, history = _wandb_history(path)
     assert (run_dir / "wandb-run-id").read_text().strip() == run_id
@@ -218,7 +258,8 @@ def test_wandb_offline_run_logs_what_metrics_jsonl_has_and_resume_keeps_its_id(
 
     more = dataclasses.replace(cfg, max_steps=6)
     source = TokenWindows(pattern_tokens, cfg.batch_size, 16, seed=0)
-    fit(tiny_model, source, more, run_dir, resume="auto", progress=False)
+    resume_from = resolve_start(run_dir, dataclasses.replace(more, resume="auto"))
+    fit(tiny_model, source, more, run_dir, setup=RunSetup(resume_from=resume_from))
     runs = [_wandb_history(path) for path in (run_dir / "wandb").glob("offline-run-*/run-*.wandb")]
     assert len(runs) == 2 and {rid for rid, _ in runs} == {run_id}  # the resumed run continued the same W&B run
     resumed = next(rows for _, rows in runs if any(row.get("_step") == 6 for row in rows))

@@ -7,7 +7,14 @@ import contextlib
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    BertConfig,
+    BertForSequenceClassification,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from {{ cookiecutter.package }}.config import ConfigError, LoraSettings, ModelConfig, OptimConfig
 from {{ cookiecutter.package }}.lora import (
@@ -128,8 +135,9 @@ def test_merged_model_equals_adapter_outputs(tmp_path, make, ft_tokenizer):
         adapter_logits = model(input_ids=x).logits
         plain = make()(x).logits
     assert not torch.allclose(adapter_logits, plain, atol=1e-3)  # the adapter matters
-    out = merge_and_save(model, tmp_path / "merged", None)
+    out = merge_and_save(model, tmp_path / "merged", ft_tokenizer, stop_ids=[0, 3])
     merged = AutoModelForCausalLM.from_pretrained(out).eval()  # a plain transformers model, no peft
+    assert GenerationConfig.from_pretrained(out).eos_token_id == [0, 3]
     with torch.no_grad():
         torch.testing.assert_close(merged(x).logits, adapter_logits, atol=1e-5, rtol=1e-5)
 

@@ -42,7 +42,7 @@ def test_fused_by_default_on_cpu_with_config_values(tiny_model):
     assert group["fused"] is True and not group["foreach"]
     assert getattr(opt, "_step_supports_amp_scaling", False)  # takes found_inf: train_step skips on the device
     assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (1e-3, (0.8, 0.9), 1e-7, 0.05)
-    opt = build_optimizer(tiny_model, OptimConfig(fused=False))
+    opt = build_optimizer(tiny_model, OptimConfig(fused="never"))
     assert opt.param_groups[0]["foreach"] is True and not opt.param_groups[0]["fused"]
 
 
@@ -59,7 +59,7 @@ def test_foreach_with_a_notice_where_torch_has_no_fused_kernel(tiny_model, monke
     assert opt.param_groups[0]["foreach"] is True
     assert "no fused AdamW" in capsys.readouterr().err
     with pytest.raises(RuntimeError, match="fused=True"):
-        build_optimizer(tiny_model, OptimConfig(fused=True))  # asked for explicitly: no silent fallback
+        build_optimizer(tiny_model, OptimConfig(fused="always"))  # asked for explicitly: no silent fallback
 
 
 @pytest.mark.cuda

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from {{ cookiecutter.package }} import pretrain
-from {{ cookiecutter.package }}.config import PretrainConfig, load_config
+from {{ cookiecutter.package }}.config import load_config
+from {{ cookiecutter.package }}.config.pretrain import PretrainConfig
 from {{ cookiecutter.package }}.debug import INJECT_NAN_ENV
 from {{ cookiecutter.package }}.model.lm import LlamaLM
 from {{ cookiecutter.package }}.train import checkpoint as ckpt
@@ -92,7 +93,7 @@ def test_debug_profile(tmp_path, pretrain_args, debug_first):
     assert [m["step"] for m in metrics] == list(range(1, 9)) and all("eval_loss" in m for m in metrics)
     assert [p.name for p in ckpt.list_checkpoints(run_dir / "checkpoints")] == ["step-000008"]  # at the end only
     t = load_config(PretrainConfig, run_dir / "config.yaml").train
-    assert (t.max_steps, t.precision, t.deterministic, t.detect_anomaly, t.compile) == (8, "fp32", True, True, False)
+    assert (t.max_steps, t.precision, t.deterministic, t.detect_anomaly, t.compile) == (8, "fp32", True, True, "never")
     assert not (tmp_path / "runs" / "tiny").exists()
 
 
@@ -124,7 +125,10 @@ def test_refuses_to_overwrite_an_existing_run(tmp_path, pretrain_args, capsys):
 
 
 def test_bad_resume_path(tmp_path, pretrain_args, capsys):
-    assert _exit_code([*pretrain_args, "--train.resume", str(tmp_path / "missing")]) == 2
+    assert _exit_code([*pretrain_args, "--train.resume_from", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "train.resume_from=" in err and "no complete checkpoint" in err
+    assert _exit_code([*pretrain_args, "--train.resume_from", "auto"]) == 2  # a directory named auto, not the keyword
     assert "no complete checkpoint" in capsys.readouterr().err
 
 
@@ -161,3 +165,18 @@ def test_shipped_config_under_debug_runs_on_the_embedded_corpus(tmp_path, data_c
     assert (run_dir / "hf" / "config.json").is_file()
     metrics = _metrics(run_dir)
     assert len(metrics) == 10 and metrics[-1]["loss"] < metrics[0]["loss"]
+
+
+def test_written_out_attention_trains_like_sdpa(tmp_path, pretrain_args):
+    """`--model.attention written_out` through the whole pipeline (config, training, evaluation, sampling, the
+    checkpoint): every logged loss equals the SDPA run's, so a learner stepping through the formula sees the run
+    they would have had anyway."""
+    losses = {}
+    for attention in ("sdpa", "written_out"):
+        name = f"tiny-{attention}"
+        pretrain.main([*pretrain_args, "--name", name, "--model.attention", attention])
+        run_dir = tmp_path / "runs" / name
+        assert load_config(PretrainConfig, run_dir / "config.yaml").model.attention == attention
+        losses[attention] = [m[key] for m in _metrics(run_dir) for key in ("loss", "eval_loss") if key in m]
+    assert len(losses["sdpa"]) == 8 + 2  # every step, and the evaluations at steps 4 and 8
+    assert losses["written_out"] == pytest.approx(losses["sdpa"], rel=1e-4)

@@ -16,10 +16,12 @@ import pytest
 import torch
 
 from {{ cookiecutter.package }} import pretrain
-from {{ cookiecutter.package }}.config import ConfigError, FinetuneConfig, OptimConfig
+from {{ cookiecutter.package }}.config import ConfigError, OptimConfig
+from {{ cookiecutter.package }}.config.finetune import FinetuneConfig
 from {{ cookiecutter.package }}.data.corpus import EvalWindows, TokenWindows
 from {{ cookiecutter.package }}.model.lm import LlamaLM
-from {{ cookiecutter.package }}.train.loop import evaluate_loss, fit
+from {{ cookiecutter.package }}.runtime import check_resume_labels, resolve_start
+from {{ cookiecutter.package }}.train.loop import Job, RunSetup, evaluate_loss, fit
 
 
 class StopAfter:
@@ -57,15 +59,15 @@ def _fit(run_dir, model_cfg, cfg, tokens, *, stop_after=None, seed=0):
     if stop_after is not None:
         source = StopAfter(source, stop_after)
     val = EvalWindows(tokens, 2, 16, num_batches=2)
+    resume_from = resolve_start(run_dir, dataclasses.replace(cfg, resume="auto"))  # once, before fit, as runtime does
     return fit(
         model,
         source,
         cfg,
         run_dir,
         optim=OptimConfig(lr=3e-3, warmup_steps=2),
-        evaluate=lambda m: evaluate_loss(m, val, torch.device("cpu")),
-        resume="auto",
-        progress=False,
+        setup=RunSetup(resume_from=resume_from),
+        job=Job(evaluate=lambda m: evaluate_loss(m, val, torch.device("cpu"))),
     )
 
 
@@ -144,17 +146,29 @@ def test_pretrain_refuses_a_named_damaged_checkpoint_and_auto_falls_back(tmp_pat
     capsys.readouterr()
 
     with pytest.raises(SystemExit) as refused:
-        pretrain.main([*pretrain_args, "--train.resume", str(newest)])
+        pretrain.main([*pretrain_args, "--train.resume_from", str(newest)])
     err = capsys.readouterr().err.splitlines()
     assert refused.value.code == 2 and len(err) == 1
     assert re.fullmatch(rf"error: damaged checkpoint {re.escape(str(newest))}: {problem} \(.+\)", err[0])
 
     pretrain.main([*pretrain_args, "--train.resume", "auto"])
     err = capsys.readouterr().err.splitlines()
-    (skipped,) = [line for line in err if "damaged" in line]  # once, though the entry point and fit() both resolve
+    (skipped,) = [line for line in err if "damaged" in line]  # once: the run resolves its resume point once
     assert re.fullmatch(rf"skipping damaged checkpoint {re.escape(str(newest))}: {problem}", skipped)
     assert f"resumed from {older} at step 4" in err
     assert _logged(run_dir) == straight
+
+
+def test_a_resumed_run_hashes_its_checkpoint_once(tmp_path, pretrain_args, monkeypatch):
+    from {{ cookiecutter.package }}.train import manifest
+
+    pretrain.main([*pretrain_args, "--train.max_steps", "4"])  # checkpoint at step 4
+    hashed = []
+    original = manifest._sha256
+    monkeypatch.setattr(manifest, "_sha256", lambda path: hashed.append(path) or original(path))
+    pretrain.main([*pretrain_args, "--train.resume", "auto"])  # resolves step 4 (hashing it), then loads it
+    resumed = tmp_path / "runs" / "tiny" / "checkpoints" / "step-000004"
+    assert sorted(p.name for p in hashed if p.parent == resumed) == ["model.safetensors", "trainer.pt"]
 
 
 @pytest.mark.slow
@@ -163,7 +177,7 @@ def test_pretrain_cli_exits_2_on_a_named_damaged_checkpoint(tmp_path, pretrain_a
     newest = tmp_path / "runs" / "tiny" / "checkpoints" / "step-000008"
     size = (newest / "model.safetensors").stat().st_size
     (newest / "model.safetensors").write_bytes(b"")
-    cmd = [sys.executable, "-m", f"{package_name}.pretrain", *pretrain_args, "--train.resume", str(newest)]
+    cmd = [sys.executable, "-m", f"{package_name}.pretrain", *pretrain_args, "--train.resume_from", str(newest)]
     proc = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines() == [
@@ -175,16 +189,17 @@ def test_pretrain_cli_exits_2_on_a_named_damaged_checkpoint(tmp_path, pretrain_a
 
 def test_finetune_label_check_refuses_a_named_damaged_checkpoint(tmp_path, tiny_model):
     from {{ cookiecutter.package }}.train import checkpoint as ckpt
-    from {{ cookiecutter.package }}.train.loop import check_resume_labels
 
     run_dir = tmp_path / "runs" / "ft"
     path = ckpt.save_checkpoint(run_dir / "checkpoints", 3, tiny_model, extra={"labels": ["neg", "pos"]})
     cfg = FinetuneConfig(task="classify", name="ft", out_dir=str(tmp_path / "runs"))
-    cfg.train.resume = str(path)
-    check_resume_labels(run_dir, cfg.train, ["neg", "pos"])  # intact: accepted
+    cfg.train.resume_from = str(path)
+    check_resume_labels(resolve_start(run_dir, cfg.train), ["neg", "pos"])  # intact, same labels: accepted
+    with pytest.raises(ConfigError, match=r"checkpoint labels \['neg', 'pos'\] differ from the data's labels"):
+        check_resume_labels(resolve_start(run_dir, cfg.train), ["pos", "neg"])
     (path / ckpt.TRAINER_FILE).write_bytes(b"")
     with pytest.raises(ConfigError, match=rf"^damaged checkpoint {re.escape(str(path))}: trainer.pt is 0 bytes"):
-        check_resume_labels(run_dir, cfg.train, ["neg", "pos"])
+        check_resume_labels(resolve_start(run_dir, cfg.train), ["neg", "pos"])
 
 
 @pytest.mark.slow

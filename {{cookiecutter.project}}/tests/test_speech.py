@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from {{ cookiecutter.package }}.config import AudioFeatureConfig, ConformerConfig, SpeechConfig
+from {{ cookiecutter.package }}.config.speech import AudioFeatureConfig, ConformerConfig, SpeechConfig
 from {{ cookiecutter.package }}.data.speech import BUILTIN_SPEECH, WORDS, load_speech, read_manifest, speech_collate
 from {{ cookiecutter.package }}.data.wav import mulaw_decode, mulaw_encode, read_wav, write_wav
 from {{ cookiecutter.package }}.model.conformer import ConformerClassifier, ConvSubsampling

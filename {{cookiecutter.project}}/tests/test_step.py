@@ -10,12 +10,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from {{ cookiecutter.package }}.data.corpus import TokenWindows
 from {{ cookiecutter.package }}.train import loop
 from {{ cookiecutter.package }}.train import step as step_module
-from {{ cookiecutter.package }}.train.step import NonFiniteLossError, StepResult, count_tokens, train_step
+from {{ cookiecutter.package }}.train.step import (
+    NonFiniteError,
+    StepResult,
+    count_targets,
+    count_tokens,
+    train_step,
+)
 
 
 def _batch(n: int, seq: int = 16, vocab: int = 96, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -43,6 +50,70 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_model):
     assert float(results[0].tokens) == float(results[1].tokens) == 4 * 16
     for p, q in zip(big.parameters(), tiny_model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def _step_gradients(model: nn.Module, micro_batches: list[dict]) -> tuple[StepResult, list[torch.Tensor]]:
+    """One train_step with lr 0 (the weights stay) and the gradients it applies, as the optimizer sees them."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads: list[torch.Tensor] = []
+    opt = torch.optim.SGD(params, lr=0.0)
+    result = train_step(
+        model, micro_batches, opt, None, grad_clip=0.0, autocast=contextlib.nullcontext(), step=1,
+        on_gradients=lambda: grads.extend(p.grad.clone() for p in params),
+    )  # fmt: skip
+    return result, grads
+
+
+def _tiny_hf_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def _assert_same_step(split: tuple[StepResult, list], whole: tuple[StepResult, list]) -> None:
+    assert float(split[0].loss) == pytest.approx(float(whole[0].loss), rel=1e-5)
+    assert len(split[1]) == len(whole[1]) > 0
+    for a, b in zip(split[1], whole[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["ours", "transformers"])
+def test_uneven_micro_batches_equal_one_big_batch(kind, tiny_model, uneven_batch):
+    """Rows with 1 and 15 targets as two micro-batches give the loss and gradients of one batch of both: the step's
+    mean over its 16 targets. Both models shift the labels inside, as count_targets assumes."""
+    model = tiny_model if kind == "ours" else _tiny_hf_llama()
+    whole = _step_gradients(copy.deepcopy(model), [uneven_batch])
+    split = _step_gradients(model, _split(uneven_batch, 2))
+    _assert_same_step(split, whole)
+    with torch.no_grad():
+        rows = [float(model(**b).loss) for b in _split(uneven_batch, 2)]
+    assert abs(sum(rows) / 2 - float(whole[0].loss)) > 1e-3  # the mean of the rows' means is another number
+    assert [int(count_targets(b)) for b in _split(uneven_batch, 2)] == [1, 15]
+
+
+def test_uneven_classifier_micro_batches_with_class_weights_equal_one_big_batch():
+    """A class-weighted loss (finetune's classify) over 1 and 3 examples: the step's mean over its 4 examples."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from {{ cookiecutter.package }}.finetune import ClassifierWithLoss
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0, num_labels=3,
+    )  # fmt: skip
+    model = ClassifierWithLoss(LlamaForSequenceClassification(config), torch.tensor([0.5, 2.0, 1.0]))
+    batch = {"input_ids": torch.randint(1, 96, (4, 8)), "labels": torch.tensor([1, 0, 2, 0])}
+    whole = _step_gradients(copy.deepcopy(model), [batch])
+    split = _step_gradients(model, [{k: v[:1] for k, v in batch.items()}, {k: v[1:] for k, v in batch.items()}])
+    _assert_same_step(split, whole)
+    weighted = F.cross_entropy(model(**batch).logits, batch["labels"], weight=model.class_weights, reduction="none")
+    assert float(whole[0].loss) == pytest.approx(float(weighted.mean()), rel=1e-5)
 
 
 def test_clip_scheduler_and_zero_grad(tiny_model):
@@ -96,7 +167,7 @@ def test_non_finite_loss_stops_before_the_update():
     # An optimizer without found_inf support: train_step checks on the host and raises before the update.
     model = _NaNModel()
     opt = torch.optim.AdamW(model.parameters(), lr=0.1, foreach=True)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 7"):
+    with pytest.raises(NonFiniteError, match=r"non-finite loss \(nan\) at step 7"):
         train_step(model, _split(_batch(2), 2), opt, None, grad_clip=1.0, autocast=contextlib.nullcontext(), step=7)
     assert torch.equal(model.w.detach(), torch.ones(3))
     assert not opt.state and model.w.grad is None  # no optimizer step, gradients dropped
@@ -125,7 +196,7 @@ def test_fused_adamw_skips_a_non_finite_update_on_the_device(model_cls, message)
     assert torch.equal(model.w.detach(), before)  # found_inf: the fused kernel left the weights alone
     state = opt.state[model.w]
     assert float(state["step"]) == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
-    with pytest.raises(NonFiniteLossError, match=message):
+    with pytest.raises(NonFiniteError, match=message):
         result.check_finite(7)
     if model_cls is _InfGradModel:  # away from w = 0 the gradient is finite: the next update goes through
         with torch.no_grad():
@@ -161,7 +232,7 @@ def test_fit_reads_the_device_only_at_logging_steps(
     # never a wait for the GPU), which this counter, blind to devices, would count.
     windows = TokenWindows(pattern_tokens, cfg.batch_size, 16, seed=0)
     source = SimpleNamespace(next_batch=iter([windows.next_batch() for _ in range(10)]).__next__, state_dict=dict)
-    history = loop.fit(tiny_model, source, cfg, tmp_path / "run", progress=False)
+    history = loop.fit(tiny_model, source, cfg, tmp_path / "run")
 
     assert len(at_call) == 20  # ten calls, counted before and after each
     assert at_call[-1] - at_call[0] == 0  # steps 1-10, and the loop between them: no read at all
@@ -215,14 +286,8 @@ def test_breakpoint_marker_is_on_a_statement_after_the_loss():
 
 def test_transformers_and_peft_models():
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32,
-    )  # fmt: skip
-    hf = LlamaForCausalLM(config)
+    hf = _tiny_hf_llama()
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-3)
     result = train_step(hf, [_batch(2)], opt, None, grad_clip=1.0, autocast=contextlib.nullcontext(), step=0)
     assert torch.isfinite(result.loss) and result.grad_norm > 0

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from {{ cookiecutter.package }} import vision
-from {{ cookiecutter.package }}.config import ConfigError, ImageAugmentConfig, ResNetConfig, VisionConfig, parse_config
+from {{ cookiecutter.package }}.config import ConfigError, parse_config
+from {{ cookiecutter.package }}.config.vision import ImageAugmentConfig, ResNetConfig, VisionConfig
 from {{ cookiecutter.package }}.data import images
 from {{ cookiecutter.package }}.data.batches import ExampleBatches, iter_batches
 from {{ cookiecutter.package }}.data.image_augment import augment_images, make_augment

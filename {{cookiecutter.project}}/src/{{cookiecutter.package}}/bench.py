@@ -23,7 +23,8 @@ GPUs (dense bf16, no sparsity) for bf16 runs, otherwise timing a large matmul on
 ("measured": an achievable peak, so MFU reads higher than against a datasheet). FLOPs per token:
 `LlamaLM.flops_per_token` for both models (same architecture, same count).
 
-More benchmarks slot in as subcommands: write `bench_<name>(args) -> list[dict]`, add a subparser in `build_parser`.
+More benchmarks slot in as subcommands: write `bench_<name>(args) -> list[dict]` (`measure` times its runners with
+`bench_timing`), add a subparser in `build_parser`.
 """
 
 from __future__ import annotations
@@ -32,150 +33,28 @@ import argparse
 import contextlib
 import copy
 import json
-import statistics
 import sys
-import time
-from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
-from .config import ModelConfig, OptimConfig, TrainConfig
+from .bench_timing import (
+    PlainLoop,
+    Trainer,
+    autocast_for,
+    random_batches,
+    significant,
+    throughput_rows,
+    time_alternating,
+)
+from .config import ModelConfig, TrainConfig
 from .model.hf import hf_config_dict, to_hf_key
 from .model.lm import LlamaLM
+from .runtime import setup_runtime
 from .train.flops import peak_flops
-from .train.loop import setup_runtime
-from .train.optim import build_optimizer
-from .train.step import train_step
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Shared helpers (every subcommand uses these)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def significant(x: float, digits: int = 4) -> float:
-    """``x`` to ``digits`` significant digits: an MFU of 0.00002 (fp32 on a GPU, a tiny model) stays above 0."""
-    return float(f"{x:.{digits}g}")
-
-
-def summarize(seconds: list[float]) -> dict[str, float]:
-    """Median and spread of per-step times, in milliseconds."""
-    ms = sorted(s * 1e3 for s in seconds)
-    q = statistics.quantiles(ms, n=4) if len(ms) >= 2 else [ms[0]] * 3
-    return {
-        "step_ms_median": round(statistics.median(ms), 3),
-        "step_ms_min": round(ms[0], 3),
-        "step_ms_max": round(ms[-1], 3),
-        "step_ms_q1": round(q[0], 3),
-        "step_ms_q3": round(q[2], 3),
-        "timed_steps": len(ms),
-    }
-
-
-def time_alternating(
-    runners: dict[str, Callable[[], None]], *, steps: int, warmup: int, repeats: int, device: torch.device
-) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """Run every runner `warmup` times untimed, then `repeats` rounds of `steps` timed calls each, alternating
-    runners round by round (A B A B ...). Returns the per-call seconds of each runner, and on CUDA the most memory
-    (MiB) one call allocated on top of what was resident when it started (empty elsewhere)."""
-    for run in runners.values():
-        for _ in range(warmup):
-            run()
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    step_mem: dict[str, float] = {}
-    for _ in range(repeats):
-        for name, run in runners.items():
-            for _ in range(steps):
-                _sync(device)
-                if device.type == "cuda":
-                    resident = torch.cuda.memory_allocated(device)
-                    torch.cuda.reset_peak_memory_stats(device)
-                t0 = time.perf_counter()
-                run()
-                _sync(device)
-                times[name].append(time.perf_counter() - t0)
-                if device.type == "cuda":
-                    added = (torch.cuda.max_memory_allocated(device) - resident) / 2**20
-                    step_mem[name] = round(max(step_mem.get(name, 0.0), added), 1)
-    return times, step_mem
-
-
-def autocast_for(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    """A reusable autocast context (train_step enters it every micro-batch); nullcontext for fp32."""
-    if dtype == "fp32":
-        return contextlib.nullcontext()
-    available = getattr(torch.amp, "is_autocast_available", lambda _: True)(device.type)
-    if not available:
-        print(f"bench: no autocast on {device.type}; running fp32", file=sys.stderr)
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def random_batches(vocab_size: int, batch_size: int, seq_len: int, n: int, device: torch.device, seed: int = 0):
-    """`n` fixed batches of random tokens (labels = inputs, shifted inside the models), reused round-robin."""
-    g = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(n):
-        ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=g).to(device)
-        batches.append({"input_ids": ids, "labels": ids})
-    return batches
-
-
-class Trainer:
-    """One model + its optimizer + a batch cycle; calling it runs one `train_step`."""
-
-    def __init__(self, model: nn.Module, batches: list[dict], autocast: contextlib.AbstractContextManager):
-        self.model = model
-        self.optimizer = build_optimizer(model, OptimConfig(warmup_steps=0))
-        self.batches: Iterator[dict] = _cycle(batches)
-        self.autocast = autocast
-        self.step = 0
-        self._loss = torch.tensor(float("nan"))
-
-    @property
-    def loss(self) -> float:
-        return float(self._loss)  # read once at the end: train_step itself never waits for the device
-
-    def __call__(self) -> None:
-        result = train_step(
-            self.model,
-            [next(self.batches)],
-            self.optimizer,
-            None,
-            grad_clip=1.0,
-            autocast=self.autocast,
-            step=self.step,
-        )
-        self.step += 1
-        self._loss = result.loss
-
-
-def _cycle(items: list) -> Iterator:
-    while True:
-        yield from items
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# pretrain: ours vs transformers' LlamaForCausalLM
-
-
-def hf_twin(model: LlamaLM) -> nn.Module:
-    """transformers' LlamaForCausalLM with the same config and the same weights as `model` (SDPA attention)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hf = LlamaForCausalLM(LlamaConfig(**hf_config_dict(model.config), attn_implementation="sdpa"))
-    state = {to_hf_key(k): v for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        state.pop("lm_head.weight")
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:
-        raise RuntimeError(f"weight copy into LlamaForCausalLM failed: missing {missing}, unexpected {unexpected}")
-    return hf.to(next(model.parameters()).device)
-
+# Shared by every subcommand: the shape, the set-up, the measurement
 
 # Shapes by name. tiny: the default project's model on its default batch. gpt2-small: GPT-2 124M (MHA, vocabulary
 # padded to 50304 as nanoGPT does) on nanoGPT's batch of 12 x 1024, the shape GPU training loops are compared at.
@@ -199,8 +78,8 @@ def compiled(model: nn.Module, enabled: bool, fullgraph: bool = False) -> nn.Mod
     return torch.compile(model, fullgraph=fullgraph) if enabled else model
 
 
-def setup(args: argparse.Namespace) -> tuple[torch.device, ModelConfig]:
-    """Seed, thread count, device and the model shape every subcommand reads from its flags."""
+def setup(args: argparse.Namespace) -> tuple[torch.device, ModelConfig, list[dict]]:
+    """Seed, thread count, device, the model shape every subcommand reads from its flags, and the batches."""
     apply_preset(args)
     device = torch.device(args.device)
     setup_runtime(TrainConfig(seed=args.seed), device)  # seeds and TF32 on CUDA, exactly as training sets them
@@ -215,108 +94,81 @@ def setup(args: argparse.Namespace) -> tuple[torch.device, ModelConfig]:
         max_seq_len=args.seq_len,
         tie_embeddings=not getattr(args, "untied", False),
     )
-    return device, config
-
-
-def bench_pretrain(args: argparse.Namespace) -> list[dict]:
-    device, config = setup(args)
-    ours = LlamaLM(config).to(device)
-    initial = copy.deepcopy(ours) if args.dtype != "fp32" else None  # for the fp32 reference run
-    baseline = hf_twin(ours)
     batches = random_batches(config.vocab_size, args.batch_size, args.seq_len, 4, device, args.seed)
-    autocast = autocast_for(device, args.dtype)
-    runners = {
-        "ours": Trainer(compiled(ours, args.compile, fullgraph=True), batches, autocast),
-        "transformers": Trainer(compiled(baseline, args.compile), batches, autocast),
-    }
+    return device, config, batches
 
+
+def measure(bench: str, args: argparse.Namespace, device: torch.device, runners: dict) -> tuple[list[dict], dict]:
+    """Time `runners` as the flags say: their rows and the ratio row, all headed by the run's settings, the ratio row
+    also by the shape."""
     times, step_mem = time_alternating(
         runners, steps=args.steps, warmup=args.warmup, repeats=args.repeats, device=device
     )
+    common = {"bench": bench, "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads()}
+    common |= {"preset": args.preset, "compile": args.compile}
+    *rows, summary = throughput_rows(runners, times, step_mem, args.batch_size * args.seq_len, common)
+    return rows, summary | {key: getattr(args, key) for key in PRESETS[args.preset]}
 
-    tokens_per_step = args.batch_size * args.seq_len
+
+# ----------------------------------------------------------------------------------------------------------------------
+# pretrain: ours vs transformers' LlamaForCausalLM
+
+
+def hf_twin(model: LlamaLM) -> nn.Module:
+    """transformers' LlamaForCausalLM with the same config and the same weights as `model` (SDPA attention)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf = LlamaForCausalLM(LlamaConfig(**hf_config_dict(model.config), attn_implementation="sdpa"))
+    state = {to_hf_key(k): v for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight")
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"weight copy into LlamaForCausalLM failed: missing {missing}, unexpected {unexpected}")
+    return hf.to(next(model.parameters()).device)
+
+
+def bench_pretrain(args: argparse.Namespace) -> list[dict]:
+    device, config, batches = setup(args)
+    ours = LlamaLM(config).to(device)
+    initial = copy.deepcopy(ours) if args.dtype != "fp32" else None  # for the fp32 reference run
+    autocast = autocast_for(device, args.dtype)
+    runners = {
+        "ours": Trainer(compiled(ours, args.compile, fullgraph=True), batches, autocast),
+        "transformers": Trainer(compiled(hf_twin(ours), args.compile), batches, autocast),
+    }
+    rows, summary = measure("pretrain", args, device, runners)
     flops_per_token = ours.flops_per_token(args.seq_len)
     peak, peak_source = peak_flops(device, torch.float32 if args.dtype == "fp32" else torch.bfloat16)
-    shape = {"layers": args.layers, "dim": args.dim, "heads": args.heads, "kv_heads": args.kv_heads}
-    shape |= {"vocab_size": args.vocab_size, "seq_len": args.seq_len, "batch_size": args.batch_size}
-    common = {"bench": "pretrain", "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads()}
-    common |= {"preset": args.preset, "compile": args.compile}
-    rows = []
-    for name, trainer in runners.items():
-        stats = summarize(times[name])
-        tok_s = tokens_per_step / (stats["step_ms_median"] / 1e3)
-        rows.append(
-            common
-            | {"model": name, "tokens_per_s": round(tok_s, 1)}
-            | {"tokens_per_s_min": round(tokens_per_step / (stats["step_ms_max"] / 1e3), 1)}
-            | {"tokens_per_s_max": round(tokens_per_step / (stats["step_ms_min"] / 1e3), 1)}
-            | {"mfu": significant(tok_s * flops_per_token / peak), "loss": round(trainer.loss, 5)}
-            | {"steps_trained": trainer.step}
-            | ({"peak_step_mem_mib": step_mem[name]} if name in step_mem else {})
-            | stats
-        )
-    ratio = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
-    summary = common | {"model": "ratio", "ours_over_transformers": round(ratio, 3)}
-    summary |= {"loss_abs_diff": round(abs(rows[0]["loss"] - rows[1]["loss"]), 6), "peak_flops": peak}
-    summary |= {"peak_source": peak_source, "flops_per_token": flops_per_token, "params": ours.num_params(False)}
-    summary |= shape
+    for row in rows:
+        row["mfu"] = significant(row["tokens_per_s"] * flops_per_token / peak)
+    summary |= {"peak_flops": peak, "peak_source": peak_source, "flops_per_token": flops_per_token}
+    summary["params"] = ours.num_params(False)
     if initial is not None:
         # Same start, same batches, same number of steps, no autocast: how far the bf16 run's loss is from fp32's.
         reference = Trainer(initial, batches, contextlib.nullcontext())
         for _ in range(runners["ours"].step):
             reference()
         summary |= {"loss_bf16": round(runners["ours"].loss, 5), "loss_fp32": round(reference.loss, 5)}
-    rows.append(summary)
-    return rows
+    return [*rows, summary]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # lora: our fine-tune step (train_step on a peft-wrapped LlamaLM) vs a plain transformers + peft loop
 
 
-class PlainLoop:
-    """The baseline: forward, loss.backward(), optimizer.step(), zero_grad() -- nothing else."""
-
-    def __init__(self, model: nn.Module, batches: list[dict], autocast: contextlib.AbstractContextManager, lr: float):
-        self.model = model
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-        self.batches: Iterator[dict] = _cycle(batches)
-        self.autocast = autocast
-        self.step = 0
-        self._loss = torch.tensor(float("nan"))
-
-    def __call__(self) -> None:
-        self.model.train()
-        with self.autocast:
-            loss = self.model(**next(self.batches)).loss
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self._loss = loss.detach()  # read once at the end, like Trainer
-
-    @property
-    def loss(self) -> float:
-        return float(self._loss)
-
-
-def bench_lora(args: argparse.Namespace) -> list[dict]:
+def peft_twins(base: LlamaLM, rank: int, targets: list[str]) -> tuple[nn.Module, nn.Module]:
+    """(ours, theirs): `base` with our LoRA (peft on LlamaLM), and transformers' twin of `base` with peft's LoRA,
+    starting from the same LoRA weights (A is random, so ours are copied into theirs)."""
     from peft import LoraConfig, get_peft_model
 
     from .config import LoraSettings
-    from .lora import apply_lora, count_parameters
+    from .lora import apply_lora
 
-    device, config = setup(args)
-    base = LlamaLM(config).to(device)
     baseline = hf_twin(base)  # same base weights, before peft rewrites our module in place
-    targets = ["q_proj", "v_proj"]
-    ours = apply_lora(base, LoraSettings(r=args.rank, alpha=2 * args.rank, dropout=0.0, target_modules=targets), None)
-    theirs = get_peft_model(
-        baseline, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=targets)
-    )
-    # Same LoRA start (A is random): copy ours into theirs, key "layers.0..." -> "model.layers.0...".
-    lora_state = {
+    ours = apply_lora(base, LoraSettings(r=rank, alpha=2 * rank, dropout=0.0, target_modules=targets), None)
+    theirs = get_peft_model(baseline, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets))
+    lora_state = {  # key "layers.0..." -> "model.layers.0..."
         "base_model.model." + to_hf_key(k.removeprefix("base_model.model.")): v
         for k, v in ours.state_dict().items()
         if "lora_" in k
@@ -324,43 +176,24 @@ def bench_lora(args: argparse.Namespace) -> list[dict]:
     result = theirs.load_state_dict(lora_state, strict=False)
     if result.unexpected_keys:
         raise RuntimeError(f"LoRA weight copy failed: unexpected {result.unexpected_keys[:3]}")
+    return ours, theirs
 
-    batches = random_batches(config.vocab_size, args.batch_size, args.seq_len, 4, device, args.seed)
+
+def bench_lora(args: argparse.Namespace) -> list[dict]:
+    from .lora import count_parameters
+
+    device, config, batches = setup(args)
+    targets = ["q_proj", "v_proj"]
+    ours, theirs = peft_twins(LlamaLM(config).to(device), args.rank, targets)
     autocast = autocast_for(device, args.dtype)
-    optim = OptimConfig(warmup_steps=0)
     runners = {
         "ours": Trainer(compiled(ours, args.compile), batches, autocast),
-        "transformers+peft": PlainLoop(compiled(theirs, args.compile), batches, autocast, lr=optim.lr),
+        "transformers+peft": PlainLoop(compiled(theirs, args.compile), batches, autocast),
     }
-    times, step_mem = time_alternating(
-        runners, steps=args.steps, warmup=args.warmup, repeats=args.repeats, device=device
-    )
-
-    tokens_per_step = args.batch_size * args.seq_len
-    common = {"bench": "lora", "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads()}
-    common |= {"preset": args.preset, "compile": args.compile}
-    rows = []
-    for name, runner in runners.items():
-        stats = summarize(times[name])
-        rows.append(
-            common
-            | {"model": name, "tokens_per_s": round(tokens_per_step / (stats["step_ms_median"] / 1e3), 1)}
-            | {"tokens_per_s_min": round(tokens_per_step / (stats["step_ms_max"] / 1e3), 1)}
-            | {"tokens_per_s_max": round(tokens_per_step / (stats["step_ms_min"] / 1e3), 1)}
-            | {"trainable_params": count_parameters(runner.model)[0], "loss": round(runner.loss, 5)}
-            | {"steps_trained": runner.step}
-            | ({"peak_step_mem_mib": step_mem[name]} if name in step_mem else {})
-            | stats
-        )
-    summary = common | {
-        "model": "ratio",
-        "ours_over_transformers": round(rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"], 3),
-    }
-    summary |= {"loss_abs_diff": round(abs(rows[0]["loss"] - rows[1]["loss"]), 6), "rank": args.rank}
-    summary |= {"target_modules": targets, "layers": args.layers, "dim": args.dim, "seq_len": args.seq_len}
-    summary |= {"batch_size": args.batch_size, "vocab_size": args.vocab_size}
-    rows.append(summary)
-    return rows
+    rows, summary = measure("lora", args, device, runners)
+    for row, runner in zip(rows, runners.values(), strict=True):
+        row["trainable_params"] = count_parameters(runner.model)[0]
+    return [*rows, summary | {"rank": args.rank, "target_modules": targets}]
 
 
 def _add_lora_parser(sub) -> None:

@@ -8,8 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .config import ConfigError, DebugConfig, fail, parse_config
-from .debug import NonFiniteError
-from .train.step import NonFiniteLossError
+from .train.step import NonFiniteError
 
 RESUME_HINT = "interrupted: the latest published checkpoint is intact (resume with --train.resume auto)"
 
@@ -27,7 +26,7 @@ def run_cli(
         run(cfg, dbg)
     except ConfigError as err:
         fail(str(err), code=2)
-    except (NonFiniteLossError, NonFiniteError) as err:
+    except NonFiniteError as err:
         fail(str(err), code=1)
     except KeyboardInterrupt:
         if interrupted:

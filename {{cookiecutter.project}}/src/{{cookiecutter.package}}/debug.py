@@ -29,16 +29,13 @@ import torch
 from torch import nn
 
 from .config import fail  # bad debugger flags are bad input: one line on stderr, exit code 2
+from .train.step import NonFiniteError
 
 if TYPE_CHECKING:
     from .config import DebugConfig
 
 DEFAULT_HOST = "127.0.0.1"
 INJECT_NAN_ENV = f"{__name__.split('.')[0].upper()}_INJECT_NAN_AT"
-
-
-class NonFiniteError(RuntimeError):
-    """A NaN or Inf appeared in an activation, the loss or a gradient."""
 
 
 def parse_address(value: str, default_host: str = DEFAULT_HOST) -> tuple[str, int]:
@@ -118,11 +115,16 @@ def setup_debugging(dbg: DebugConfig, rank: int | None = None) -> None:
     start_debugger(dbg, env_rank() if rank is None else rank)
 
 
-def _start_debugpy(address: str, *, wait: bool, rank: int) -> None:
+def _flag_address(flag: str, address: str) -> tuple[str, int]:
+    """:func:`parse_address` for a debugger flag: a bad address is bad input (one line on stderr, exit code 2)."""
     try:
-        host, port = parse_address(address)
+        return parse_address(address)
     except ValueError as error:
-        fail(f"--debugpy: {error}")
+        fail(f"{flag}: {error}")
+
+
+def _start_debugpy(address: str, *, wait: bool, rank: int) -> None:
+    host, port = _flag_address("--debugpy", address)
     try:
         import debugpy
     except ImportError:
@@ -146,10 +148,7 @@ def _start_debugpy(address: str, *, wait: bool, rank: int) -> None:
 
 
 def _start_pycharm(address: str) -> None:
-    try:
-        host, port = parse_address(address)
-    except ValueError as error:
-        fail(f"--pycharm-debug: {error}")
+    host, port = _flag_address("--pycharm-debug", address)
     if port == 0:
         fail("--pycharm-debug needs the port PyCharm's Python Debug Server listens on (not 0)")
     try:

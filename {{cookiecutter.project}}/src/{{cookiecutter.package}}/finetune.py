@@ -17,6 +17,8 @@ their optimizer state are checkpointed; ``--train.resume auto`` wraps a fresh ba
 Run directory ``<out_dir>/<name>/``: ``config.yaml``, ``checkpoints/``, ``tb/``, ``metrics.jsonl`` (per step),
 ``metrics.json`` (final evaluation), ``adapter/`` (adapter_config.json + adapter_model.safetensors + tokenizer),
 ``label_map.json`` (classify), and with ``--merge true`` ``hf/`` (a standalone model with the adapter merged in).
+After SFT both ``adapter/`` and ``hf/`` carry a ``generation_config.json`` whose ``eos_token_id`` lists eos and the chat
+template's end of turn, so that transformers' ``generate`` stops a reply where ours does.
 
 Exit codes: 0 done, 2 bad input (config, data, model path, QLoRA without CUDA, existing run), 1 non-finite loss.
 """
@@ -34,23 +36,28 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cli import run_cli
-from .config import (
-    ConfigError,
-    DebugConfig,
-    FinetuneConfig,
-    PretrainConfig,
-    parse_config,
-)
+from .config import ConfigError, DebugConfig
+from .config.finetune import FinetuneConfig
 from .data import batches
 from .data import classify as cls_data
 from .data import sft as sft_data
-from .lora import apply_lora, check_qlora, count_parameters, load_model, merge_and_save
+from .lora import (
+    apply_lora,
+    check_qlora,
+    count_parameters,
+    generate_ids,
+    load_model,
+    merge_and_save,
+    pretrain_defaults,
+    pretrain_export_dir,
+    save_stop_ids,
+)
 from .metrics import TokenLossMeter, perplexity, scalar_metrics
 from .model.transformer import ClassifierOutput
-from .runtime import training_run
+from .runtime import RunContext, check_resume_labels, training_run
 from .train.distributed import barrier, resolve_device, unwrap, wrap_ddp
 from .train.logger import history_result, report_final
-from .train.loop import check_resume_labels, evaluate_classifier, fit, to_device
+from .train.loop import Job, evaluate_classifier, fit, to_device
 
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "hf"
@@ -75,7 +82,11 @@ class ClassifierWithLoss(nn.Module):
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, K]
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.float(), labels, weight=self.class_weights)
+            # The class-weighted losses averaged over the examples, not over their summed weights (torch's weighted
+            # mean): the mean train_step expects (count_targets), so a step's split into micro-batches and ranks
+            # leaves it alone. Without weights the two are the same.
+            losses = F.cross_entropy(logits.float(), labels, weight=self.class_weights, reduction="none")
+            loss = losses.sum() / labels.ne(-100).sum()
         return ClassifierOutput(logits=logits, loss=loss)
 
 
@@ -88,17 +99,6 @@ def peft_model_of(model: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------------------------------------------------
 # Base model resolution (defaults and the --debug fallback)
 # ----------------------------------------------------------------------------------------------------------------------
-def pretrain_defaults(debug: bool) -> PretrainConfig:
-    """What a bare ``pretrain`` (``pretrain --debug``) run is configured with."""
-    return parse_config(PretrainConfig, ["--debug"] if debug else [])[0]
-
-
-def pretrain_export_dir(debug: bool) -> Path:
-    """Where ``pretrain`` (with or without ``--debug``) writes its transformers export."""
-    p = pretrain_defaults(debug)
-    return Path(p.out_dir) / p.name / "hf"
-
-
 def resolve_base_model(cfg: FinetuneConfig, debug: bool) -> str | None:
     """``--base_model``, or else what ``pretrain`` exported; None = build a tiny one (``--debug`` without it)."""
     if cfg.base_model is not None:
@@ -237,22 +237,6 @@ def make_sft_sampler(tokenizer: Any, cfg: FinetuneConfig, device: torch.device):
     return sample
 
 
-def generate_ids(model, input_ids, tokenizer, max_new_tokens, temperature, top_k, top_p, stop_ids) -> Tensor:
-    """transformers' generate (works on peft-wrapped and merged models alike): [1, T] -> [1, T + new]."""
-    sampling = temperature > 0
-    kwargs: dict[str, Any] = {"do_sample": sampling}
-    if sampling:
-        kwargs.update(temperature=temperature, top_k=top_k or 0, top_p=top_p if top_p is not None else 1.0)
-    return model.generate(
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=max_new_tokens,
-        eos_token_id=stop_ids or None,
-        pad_token_id=tokenizer.pad_token_id,
-        **kwargs,
-    )
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # run
 # ----------------------------------------------------------------------------------------------------------------------
@@ -271,36 +255,10 @@ def run(cfg: FinetuneConfig, dbg: DebugConfig | None = None) -> dict:
         base = resolve_base_model(cfg, dbg.debug)
         raw = read_sft(cfg) if cfg.task == "sft" else read_classify(cfg)  # data errors before the model loads
         labels = raw[2].labels if cfg.task == "classify" else None
-        check_resume_labels(run_dir, cfg.train, labels)
+        check_resume_labels(run.resume_from, labels)
         run.start(cfg)
 
-        if base is None:
-            base = build_tiny_base(run_dir / "base", cfg.data.max_seq_len) if info.is_main else None
-            barrier()
-            base = base or str(run_dir / "base")
-        model, tokenizer = load_model(
-            base, cfg.task, labels=labels, settings=cfg.lora, trust_remote_code=cfg.trust_remote_code
-        )
-        max_len = cfg.data.max_seq_len
-        limit = getattr(model.config, "max_position_embeddings", None)
-        if limit and max_len > limit:
-            print(f"notice: data.max_seq_len={max_len} -> {limit} (the model's max_position_embeddings)")
-            max_len = limit
-        data = encode_data(cfg, raw, tokenizer, max_len)
-
-        model = apply_lora(model, cfg.lora, cfg.task)
-        trainable, total = count_parameters(model)
-        if info.is_main:
-            print(f"model: {base}  trainable {trainable:,} / {total:,} parameters ({100 * trainable / total:.2f}%)")
-            unit = "windows" if cfg.data.packing else "examples"
-            print(f"data: {len(data.train)} training {unit}, {len(data.val)} validation examples")
-        if cfg.task == "classify":
-            model = ClassifierWithLoss(model, data.class_weights)
-        if cfg.lora.qlora:  # a 4-bit model is placed by its device_map; bitsandbytes' layers stay eager
-            print("compile: off (QLoRA: bitsandbytes 4-bit layers run eager)", file=sys.stderr)
-            model = wrap_ddp(model, info)
-        else:
-            model = run.wrap(model.to(info.device), cfg.train.compile)
+        model, tokenizer, data, counts, base = build_model(cfg, run, base, raw, labels)
 
         run.save_config(cfg)
         if info.is_main and labels is not None:
@@ -323,27 +281,69 @@ def run(cfg: FinetuneConfig, dbg: DebugConfig | None = None) -> dict:
             cfg.train,
             run_dir,
             optim=cfg.optim,
-            evaluate=evaluate if data.val else None,
-            sample=make_sft_sampler(tokenizer, cfg, info.device) if cfg.task == "sft" else None,
-            extra_state={"labels": labels, "task": cfg.task, "base_model": base},
-            save_model=lambda m, d: peft_model_of(m).save_pretrained(str(d / ADAPTER_DIR)),
-            config=cfg,
-            break_on_nonfinite=dbg.break_on_nonfinite,
+            setup=run.setup,
+            job=Job(
+                evaluate=evaluate if data.val else None,
+                sample=make_sft_sampler(tokenizer, cfg, info.device) if cfg.task == "sft" else None,
+                config=cfg,
+                extra_state={"labels": labels, "task": cfg.task, "base_model": base},
+                save_model=lambda m, d: peft_model_of(m).save_pretrained(str(d / ADAPTER_DIR)),
+            ),
         )
 
         result: dict[str, Any] = {}
         if info.is_main:
-            result = finish(cfg, run_dir, model, tokenizer, data, history, base, (trainable, total), evaluate_fn)
+            autocast = run.setup.autocast
+            result = finish(cfg, run_dir, model, tokenizer, data, history, base, counts, evaluate_fn, autocast)
         barrier()
         return result
 
 
-def finish(cfg, run_dir, model, tokenizer, data, history, base, counts, evaluate_fn) -> dict:
-    """Save the adapter (+ tokenizer, label map), evaluate on the whole validation set, write metrics, merge."""
+def build_model(cfg: FinetuneConfig, run: RunContext, base: str | None, raw: tuple, labels: list[str] | None):
+    """The base model (a tiny one pretrained here when none is named) with LoRA, its tokenizer and the encoded data;
+    the model on the run's device, wrapped (DDP, compile) as configured. Returns ``model, tokenizer, data,
+    (trainable, total) parameters, base``."""
+    info, run_dir = run.info, run.run_dir
+    if base is None:
+        base = build_tiny_base(run_dir / "base", cfg.data.max_seq_len) if info.is_main else None
+        barrier()
+        base = base or str(run_dir / "base")
+    model, tokenizer = load_model(
+        base, cfg.task, labels=labels, settings=cfg.lora, trust_remote_code=cfg.trust_remote_code
+    )
+    max_len = cfg.data.max_seq_len
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and max_len > limit:
+        print(f"notice: data.max_seq_len={max_len} -> {limit} (the model's max_position_embeddings)")
+        max_len = limit
+    data = encode_data(cfg, raw, tokenizer, max_len)
+
+    model = apply_lora(model, cfg.lora, cfg.task)
+    trainable, total = counts = count_parameters(model)
+    if info.is_main:
+        print(f"model: {base}  trainable {trainable:,} / {total:,} parameters ({100 * trainable / total:.2f}%)")
+        unit = "windows" if cfg.data.packing else "examples"
+        print(f"data: {len(data.train)} training {unit}, {len(data.val)} validation examples")
+    if cfg.task == "classify":
+        model = ClassifierWithLoss(model, data.class_weights)
+    if cfg.lora.qlora:  # a 4-bit model is placed by its device_map; bitsandbytes' layers stay eager
+        print("compile: off (QLoRA: bitsandbytes 4-bit layers run eager)", file=sys.stderr)
+        model = wrap_ddp(model, info)
+    else:
+        model = run.wrap(model.to(info.device), cfg.train.compile)
+    return model, tokenizer, data, counts, base
+
+
+def finish(cfg, run_dir, model, tokenizer, data, history, base, counts, evaluate_fn, autocast) -> dict:
+    """Save the adapter (+ tokenizer, label map), evaluate on the whole validation set (under the training run's
+    ``autocast``, as fit's evaluations were), write metrics, merge."""
     peft_model = peft_model_of(model)
     adapter_dir = run_dir / ADAPTER_DIR
     peft_model.save_pretrained(str(adapter_dir))
     tokenizer.save_pretrained(str(adapter_dir))
+    stop_ids = sft_data.stop_token_ids(tokenizer) if cfg.task == "sft" else None
+    if stop_ids:  # for peft users: the base model's generation config knows eos, not the template's end of turn
+        save_stop_ids(adapter_dir, stop_ids)
     if data.labels is not None:
         cls_data.LabelMap(data.labels).save(adapter_dir)
 
@@ -358,12 +358,13 @@ def finish(cfg, run_dir, model, tokenizer, data, history, base, counts, evaluate
     if data.val:
         raw_model.eval()
         device = next(raw_model.parameters()).device
-        result["eval"] = evaluate_fn(raw_model, data, cfg.train.batch_size, device)
+        with autocast:
+            result["eval"] = evaluate_fn(raw_model, data, cfg.train.batch_size, device)
         raw_model.train()
     report_final(run_dir, result, cfg.train.logger)
 
     if cfg.merge:
-        out = merge_and_save(peft_model, run_dir / MERGED_DIR, tokenizer)
+        out = merge_and_save(peft_model, run_dir / MERGED_DIR, tokenizer, stop_ids)
         print(f"merged model written to {out}", flush=True)
     return result
 

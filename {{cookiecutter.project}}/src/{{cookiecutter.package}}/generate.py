@@ -4,7 +4,7 @@ One path for every model: the model is a transformers directory (by default what
 ``runs/pretrain/hf``; a fine-tune's merged ``hf/``; any local causal LM) or a run directory holding one, loaded with
 ``AutoModelForCausalLM``; ``--adapter`` puts a LoRA adapter from ``finetune`` on top (peft), and transformers'
 ``generate`` samples. With an SFT adapter the prompt is rendered with the same chat / plain template as in training
-(``--chat`` forces it on or off); the template's end-of-turn token stops generation.
+(``--chat always`` / ``never`` decides instead); the template's end-of-turn token stops generation.
 
     python -m <package>.generate --prompt "MACBETH." --temperature 0.8 --top_k 50
     python -m <package>.generate --adapter runs/finetune-sft/adapter --prompt "Who speaks these lines? ..."
@@ -21,10 +21,10 @@ from typing import Any
 import torch
 
 from .cli import run_cli
-from .config import ConfigError, DebugConfig, GenerateConfig
+from .config import ConfigError, DebugConfig
+from .config.generate import GenerateConfig
 from .data import sft as sft_data
-from .finetune import generate_ids, pretrain_export_dir
-from .lora import load_adapter, load_model
+from .lora import generate_ids, load_adapter, load_model, pretrain_export_dir
 from .train.distributed import resolve_device
 
 
@@ -67,14 +67,9 @@ def load_for_generation(cfg: GenerateConfig, debug: bool = False) -> tuple[Any, 
     return model.to(device).eval(), tokenizer
 
 
-def run(cfg: GenerateConfig, dbg: DebugConfig | None = None) -> str:
-    """Generate one completion of ``cfg.prompt``; prints and returns the prompt + completion."""
-    dbg = dbg or DebugConfig()
-    from .debug import start_debugger
-
-    start_debugger(dbg)
-    model, tokenizer = load_for_generation(cfg, dbg.debug)
-    chat = cfg.chat if cfg.chat is not None else cfg.adapter is not None
+def complete(cfg: GenerateConfig, model: Any, tokenizer: Any, chat: bool) -> tuple[list[int], list[int]]:
+    """(prompt ids, new ids) for ``cfg.prompt``; the new ids end with the stop token when one came. With ``chat`` the
+    prompt is rendered as in SFT and the template's end of turn stops, else the tokenizer's eos does."""
     if chat:
         ids = sft_data.prompt_ids(cfg.prompt, tokenizer)
         stop = sft_data.stop_token_ids(tokenizer)
@@ -83,12 +78,23 @@ def run(cfg: GenerateConfig, dbg: DebugConfig | None = None) -> str:
         stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if not ids:
         raise ConfigError("the prompt is empty")
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([ids], device=device)
+    input_ids = torch.tensor([ids], device=next(model.parameters()).device)
     torch.manual_seed(cfg.seed)
     with torch.no_grad():
         out = generate_ids(model, input_ids, tokenizer, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, stop)
-    completion = tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
+    return ids, out[0, len(ids) :].tolist()
+
+
+def run(cfg: GenerateConfig, dbg: DebugConfig | None = None) -> str:
+    """Generate one completion of ``cfg.prompt``; prints and returns the prompt + completion."""
+    dbg = dbg or DebugConfig()
+    from .debug import start_debugger
+
+    start_debugger(dbg)
+    model, tokenizer = load_for_generation(cfg, dbg.debug)
+    chat = cfg.chat == "always" or (cfg.chat == "auto" and cfg.adapter is not None)
+    _, new_ids = complete(cfg, model, tokenizer, chat)
+    completion = tokenizer.decode(new_ids, skip_special_tokens=True)
     text = cfg.prompt + ("\n" if chat else "") + completion
     print(text, flush=True)
     return text

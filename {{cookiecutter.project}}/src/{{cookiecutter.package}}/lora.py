@@ -10,7 +10,9 @@ parameters per targeted linear: r * (in + out).
 - Models: :func:`load_model` loads a transformers directory or hub id (``AutoModelForCausalLM`` for SFT,
   ``AutoModelForSequenceClassification`` for classification; ``trust_remote_code`` off unless asked) or a
   pre-training run directory (its ``hf/`` export). :func:`apply_lora` works on those and on a bare
-  :class:`~.model.lm.LlamaLM` (peft wraps any ``nn.Module``).
+  :class:`~.model.lm.LlamaLM` (peft wraps any ``nn.Module``). :func:`pretrain_export_dir` is where ``pretrain``
+  exports, the base model ``finetune`` and ``generate`` take by default; :func:`generate_ids` samples from any of
+  these models, adapters on or merged (both entry points use it, and neither imports the other).
 - QLoRA loads the base model in 4-bit NF4 with bitsandbytes, which needs CUDA: :func:`check_qlora` fails fast (one
   line) before anything is loaded on a machine without it.
 - Outputs: ``save_pretrained`` of the peft model writes ``adapter_config.json`` + ``adapter_model.safetensors``;
@@ -25,7 +27,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .config import ConfigError, LoraSettings
+from .config import ConfigError, LoraSettings, parse_config
+from .config.pretrain import PretrainConfig
 from .model.lm import LlamaLM
 
 Task = Literal["sft", "classify"]
@@ -156,6 +159,18 @@ def _quantization_kwargs(settings: LoraSettings) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------------
 # Loading base models
 # ----------------------------------------------------------------------------------------------------------------------
+def pretrain_defaults(debug: bool) -> PretrainConfig:
+    """What a bare ``pretrain`` (``pretrain --debug``) run is configured with."""
+    return parse_config(PretrainConfig, ["--debug"] if debug else [])[0]
+
+
+def pretrain_export_dir(debug: bool) -> Path:
+    """Where ``pretrain`` (with or without ``--debug``) writes its transformers export: the base model ``finetune``
+    and ``generate`` take when none is named."""
+    p = pretrain_defaults(debug)
+    return Path(p.out_dir) / p.name / "hf"
+
+
 def resolve_model_path(name_or_path: str | Path) -> str:
     """A transformers model directory, a pre-training run directory (-> its hf/ export), or a hub id.
 
@@ -235,10 +250,15 @@ def load_model(
     return model, tokenizer
 
 
-def merge_and_save(peft_model: nn.Module, out_dir: str | Path, tokenizer: Any = None) -> Path:
+def merge_and_save(
+    peft_model: nn.Module, out_dir: str | Path, tokenizer: Any = None, stop_ids: list[int] | None = None
+) -> Path:
     """Fold the adapters into the base weights and save a standalone model directory (transformers format).
 
-    Modifies ``peft_model``'s base model in place (the merged weights); call it last.
+    ``stop_ids`` (SFT: :func:`~.data.sft.stop_token_ids`, eos and the chat template's end of turn) become
+    generation_config.json's ``eos_token_id``, so that transformers' ``generate`` (and the serving tools that read
+    that file) stop a reply where ours does. Modifies ``peft_model``'s base model in place (the merged weights); call
+    it last.
     """
     out = Path(out_dir)
     merged = peft_model.merge_and_unload()
@@ -246,8 +266,42 @@ def merge_and_save(peft_model: nn.Module, out_dir: str | Path, tokenizer: Any = 
         from .model.hf import export_hf
 
         export_hf(merged, out, tokenizer)
-        return out
-    merged.save_pretrained(str(out))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
+    else:
+        merged.save_pretrained(str(out))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out))  # with its chat template (chat_template.jinja)
+    if stop_ids:
+        save_stop_ids(out, stop_ids)
     return out
+
+
+def save_stop_ids(model_dir: Path, stop_ids: list[int]) -> None:
+    """Every id that ends a reply as generation_config.json's eos_token_id (a list where there are several, as in
+    Llama 3 Instruct's [<|end_of_text|>, <|eot_id|>]); the rest of the saved generation config is kept."""
+    from transformers import GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(str(model_dir))
+    except OSError:  # the model saved none
+        config = GenerationConfig()
+    config.eos_token_id = stop_ids[0] if len(stop_ids) == 1 else list(stop_ids)
+    config.save_pretrained(str(model_dir))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------------------------------
+def generate_ids(model, input_ids, tokenizer, max_new_tokens, temperature, top_k, top_p, stop_ids) -> torch.Tensor:
+    """transformers' generate (works on peft-wrapped and merged models alike): [1, T] -> [1, T + new]."""
+    sampling = temperature > 0
+    kwargs: dict[str, Any] = {"do_sample": sampling}
+    if sampling:
+        kwargs.update(temperature=temperature, top_k=top_k or 0, top_p=top_p if top_p is not None else 1.0)
+    return model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stop_ids or None,
+        pad_token_id=tokenizer.pad_token_id,
+        **kwargs,
+    )

@@ -20,10 +20,11 @@ from typing import Any
 import torch
 
 from .cli import run_cli
-from .config import ConfigError, DebugConfig, PretrainConfig, SampleConfig
+from .config import ConfigError, DebugConfig, SampleConfig
+from .config.pretrain import PretrainConfig
 from .runtime import training_run
 from .train.distributed import barrier, unwrap
-from .train.loop import evaluate_loss, fit
+from .train.loop import Job, evaluate_loss, fit
 
 
 def make_sampler(tokenizer: Any, cfg: SampleConfig, device: torch.device, seed: int):
@@ -50,9 +51,39 @@ def make_sampler(tokenizer: Any, cfg: SampleConfig, device: torch.device, seed: 
     return sample
 
 
+def prepare_data(cfg: PretrainConfig, is_main: bool):
+    """The tokenizer and the packed token shards: rank 0 trains and packs, the other ranks then read its cache."""
+    from .data.corpus import prepare_corpus
+
+    def prepare(log):
+        try:
+            return prepare_corpus(
+                cfg.data.path,
+                tokenizer=cfg.data.tokenizer,
+                vocab_size=cfg.data.vocab_size or cfg.model.vocab_size,
+                cache_dir=cfg.data.cache_dir,
+                val_fraction=cfg.data.val_fraction,
+                text_key=cfg.data.text_key,
+                log=log,
+            )
+        except (FileNotFoundError, ValueError, OSError) as err:
+            raise ConfigError(f"data: {err}") from err
+
+    corpus = prepare(print) if is_main else None
+    barrier()
+    if corpus is None:
+        corpus = prepare(None)
+    if len(corpus.tokenizer) > cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+            f"({len(corpus.tokenizer)} tokens): set --model.vocab_size {len(corpus.tokenizer)} or larger"
+        )
+    return corpus
+
+
 def run(cfg: PretrainConfig, dbg: DebugConfig | None = None) -> list[dict]:
     """Pre-train as configured; returns fit()'s per-step metrics. Raises ConfigError for bad input."""
-    from .data.corpus import EvalWindows, TokenWindows, prepare_corpus
+    from .data.corpus import EvalWindows, TokenWindows
     from .model.lm import LlamaLM
 
     dbg = dbg or DebugConfig()
@@ -60,30 +91,7 @@ def run(cfg: PretrainConfig, dbg: DebugConfig | None = None) -> list[dict]:
         info, run_dir = run.info, run.run_dir
         run.start(cfg)
 
-        # Data: rank 0 trains the tokenizer and packs the tokens; the other ranks then read the cache.
-        def prepare(log):
-            try:
-                return prepare_corpus(
-                    cfg.data.path,
-                    tokenizer=cfg.data.tokenizer,
-                    vocab_size=cfg.data.vocab_size or cfg.model.vocab_size,
-                    cache_dir=cfg.data.cache_dir,
-                    val_fraction=cfg.data.val_fraction,
-                    text_key=cfg.data.text_key,
-                    log=log,
-                )
-            except (FileNotFoundError, ValueError, OSError) as err:
-                raise ConfigError(f"data: {err}") from err
-
-        corpus = prepare(print) if info.is_main else None
-        barrier()
-        if corpus is None:
-            corpus = prepare(None)
-        if len(corpus.tokenizer) > cfg.model.vocab_size:
-            raise ConfigError(
-                f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
-                f"({len(corpus.tokenizer)} tokens): set --model.vocab_size {len(corpus.tokenizer)} or larger"
-            )
+        corpus = prepare_data(cfg, info.is_main)
 
         run.save_config(cfg)
         if info.is_main:
@@ -110,10 +118,12 @@ def run(cfg: PretrainConfig, dbg: DebugConfig | None = None) -> list[dict]:
             cfg.train,
             run_dir,
             optim=cfg.optim,
-            evaluate=lambda m: evaluate_loss(m, val_windows, info.device),
-            sample=make_sampler(corpus.tokenizer, cfg.sample, info.device, cfg.train.seed),
-            config=cfg,
-            break_on_nonfinite=dbg.break_on_nonfinite,
+            setup=run.setup,
+            job=Job(
+                evaluate=lambda m: evaluate_loss(m, val_windows, info.device),
+                sample=make_sampler(corpus.tokenizer, cfg.sample, info.device, cfg.train.seed),
+                config=cfg,
+            ),
         )
 
         if info.is_main:

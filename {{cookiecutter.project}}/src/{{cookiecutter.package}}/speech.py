@@ -30,15 +30,16 @@ import torch
 from torch import Tensor, nn
 
 from .cli import run_cli
-from .config import ConfigError, DebugConfig, SpeechConfig
+from .config import ConfigError, DebugConfig
+from .config.speech import SpeechConfig
 from .data.batches import ExampleBatches, iter_batches
 from .data.classify import LabelMap
 from .data.speech import SpeechData, load_speech, speech_collate
 from .metrics import scalar_metrics
-from .runtime import training_run
+from .runtime import check_resume_labels, training_run
 from .train.distributed import barrier, unwrap
 from .train.logger import history_result, report_final
-from .train.loop import check_resume_labels, evaluate_classifier, fit
+from .train.loop import Job, evaluate_classifier, fit
 
 
 def read_data(cfg: SpeechConfig) -> SpeechData:
@@ -99,7 +100,7 @@ def run(cfg: SpeechConfig, dbg: DebugConfig | None = None) -> dict:
     with training_run(cfg, dbg) as run:
         info, run_dir = run.info, run.run_dir
         data = read_data(cfg)  # bad audio is reported before anything is built or written
-        check_resume_labels(run_dir, cfg.train, data.labels)  # a resumed head must have the same words
+        check_resume_labels(run.resume_from, data.labels)  # a resumed head must have the same words
         run.start(cfg)
         model = build_model(cfg, len(data.labels)).to(info.device)
         clip_samples = cfg.data.clip_samples
@@ -127,38 +128,41 @@ def run(cfg: SpeechConfig, dbg: DebugConfig | None = None) -> dict:
             cfg.train,
             run_dir,
             optim=cfg.optim,
-            evaluate=lambda m: scalar_metrics(
-                evaluate(m, data.val, cfg, data.labels, info.device, cfg.train.eval_batches)
+            setup=run.setup,
+            job=Job(
+                evaluate=lambda m: scalar_metrics(
+                    evaluate(m, data.val, cfg, data.labels, info.device, cfg.train.eval_batches)
+                ),
+                config=cfg,
+                extra_state={"labels": data.labels},
+                flops_per_item=flops,
+                unit="ex",
             ),
-            extra_state={"labels": data.labels},
-            config=cfg,
-            break_on_nonfinite=dbg.break_on_nonfinite,
-            flops_per_token=flops,
-            throughput_unit="ex",
         )
         result: dict[str, Any] = {}
         if info.is_main:
-            result = finish(cfg, run_dir, unwrap(model), data, history)
+            result = finish(cfg, run_dir, unwrap(model), data, history, run.setup.autocast)
         barrier()
         return result
 
 
-def finish(cfg: SpeechConfig, run_dir, model: nn.Module, data: SpeechData, history: list[dict]) -> dict:
+def finish(cfg: SpeechConfig, run_dir, model: nn.Module, data: SpeechData, history: list[dict], autocast) -> dict:
     """Score the held-out test voices (``eval``) and the validation voices (``val``), write metrics.json."""
     device = next(model.parameters()).device
     model.eval()
-    result: dict[str, Any] = {
-        "task": "speech",
-        **history_result(history),
-        "total_params": model.num_params(),
-        "augment": cfg.augment.enabled,
-        "data": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
-        "val": evaluate(model, data.val, cfg, data.labels, device),
-        "eval": evaluate(model, data.test, cfg, data.labels, device),
-    }
-    if cfg.noisy_test_snr_db is not None:
-        noisy = evaluate(model, data.test, cfg, data.labels, device, snr_db=cfg.noisy_test_snr_db)
-        result["eval_noisy"] = {"snr_db": cfg.noisy_test_snr_db, **noisy}
+    with autocast:  # the training run's, as for fit's evaluations
+        result: dict[str, Any] = {
+            "task": "speech",
+            **history_result(history),
+            "total_params": model.num_params(),
+            "augment": cfg.augment.enabled,
+            "data": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
+            "val": evaluate(model, data.val, cfg, data.labels, device),
+            "eval": evaluate(model, data.test, cfg, data.labels, device),
+        }
+        if cfg.noisy_test_snr_db is not None:
+            noisy = evaluate(model, data.test, cfg, data.labels, device, snr_db=cfg.noisy_test_snr_db)
+            result["eval_noisy"] = {"snr_db": cfg.noisy_test_snr_db, **noisy}
         print(f"test voices in noise at {cfg.noisy_test_snr_db:g} dB SNR: accuracy {noisy['accuracy']:.4f}", flush=True)
     model.train()
     report_final(run_dir, result, cfg.train.logger)

@@ -29,17 +29,18 @@ from typing import Any
 from torch import nn
 
 from .cli import run_cli
-from .config import ConfigError, DebugConfig, VisionConfig
+from .config import ConfigError, DebugConfig
+from .config.vision import VisionConfig
 from .data import images
 from .data.batches import ExampleBatches, iter_batches
 from .data.classify import LabelMap
 from .data.image_augment import describe, make_augment
 from .lora import count_parameters
 from .metrics import scalar_metrics
-from .runtime import RunContext, training_run
+from .runtime import RunContext, check_resume_labels, training_run
 from .train.distributed import barrier, resolve_device, unwrap
 from .train.logger import history_result, report_final
-from .train.loop import check_resume_labels, evaluate_classifier, fit
+from .train.loop import Job, evaluate_classifier, fit
 
 MODEL_FILE = "model.safetensors"
 MERGED_DIR = "hf"
@@ -96,34 +97,37 @@ def save_model(model: nn.Module, run_dir: Path) -> Path:
     return run_dir / MODEL_FILE
 
 
-def finish(cfg: VisionConfig, run_dir: Path, model: nn.Module, splits: images.Splits, history: list[dict]) -> dict:
+def finish(
+    cfg: VisionConfig, run_dir: Path, model: nn.Module, splits: images.Splits, history: list[dict], autocast
+) -> dict:
     """Final evaluation (validation and test sets, all of them), metrics.json, TensorBoard, the model."""
     raw, names = unwrap(model), splits.train.names
     device = next(raw.parameters()).device
     trainable, total = count_parameters(raw)
     bs = cfg.train.batch_size
     raw.eval()
-    result: dict[str, Any] = {
-        "task": "vision",
-        "base_model": cfg.base_model,
-        **history_result(history),
-        "trainable_params": trainable,
-        "total_params": total,
-        "augmentation": describe(cfg.augment),
-        "data": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
-        "val": evaluate_classifier(
-            raw, iter_batches(images.as_examples(splits.val), bs, images.image_collate), names, device
-        ),
-        "eval": evaluate_classifier(
-            raw, iter_batches(images.as_examples(splits.test), bs, images.image_collate), names, device
-        ),
-    }
+    with autocast:  # the training run's, as for fit's evaluations
+        result: dict[str, Any] = {
+            "task": "vision",
+            "base_model": cfg.base_model,
+            **history_result(history),
+            "trainable_params": trainable,
+            "total_params": total,
+            "augmentation": describe(cfg.augment),
+            "data": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
+            "val": evaluate_classifier(
+                raw, iter_batches(images.as_examples(splits.val), bs, images.image_collate), names, device
+            ),
+            "eval": evaluate_classifier(
+                raw, iter_batches(images.as_examples(splits.test), bs, images.image_collate), names, device
+            ),
+        }
     report_final(run_dir, result, cfg.train.logger)
     print(f"model written to {save_model(raw, run_dir)}", flush=True)
     return result
 
 
-def train(cfg: VisionConfig, dbg: DebugConfig, run: RunContext, splits: images.Splits) -> tuple[nn.Module, list[dict]]:
+def train(cfg: VisionConfig, run: RunContext, splits: images.Splits) -> tuple[nn.Module, list[dict]]:
     """Build, wrap and fit the model: (the model as it trained, fit()'s per-step history)."""
     info, names = run.info, splits.train.names
     model = build_model(cfg, splits).to(info.device)
@@ -160,12 +164,14 @@ def train(cfg: VisionConfig, dbg: DebugConfig, run: RunContext, splits: images.S
         cfg.train,
         run.run_dir,
         optim=cfg.optim,
-        evaluate=evaluate,
-        extra_state={"labels": names},
-        config=cfg,
-        break_on_nonfinite=dbg.break_on_nonfinite,
-        flops_per_token=flops_per_example(unwrap(model), splits.train.images.shape[-2:]),  # MFU, per image
-        throughput_unit="ex",
+        setup=run.setup,
+        job=Job(
+            evaluate=evaluate,
+            config=cfg,
+            extra_state={"labels": names},
+            flops_per_item=flops_per_example(unwrap(model), splits.train.images.shape[-2:]),  # MFU, per image
+            unit="ex",
+        ),
     )
     return model, history
 
@@ -179,12 +185,12 @@ def run(cfg: VisionConfig, dbg: DebugConfig | None = None) -> dict:
         raise ConfigError(str(err)) from err
     with training_run(cfg, dbg) as ctx:
         splits = load_splits(cfg)  # data errors before anything is written
-        check_resume_labels(ctx.run_dir, cfg.train, splits.train.names)  # a resumed head must have the same classes
+        check_resume_labels(ctx.resume_from, splits.train.names)  # a resumed head must have the same classes
         ctx.start(cfg)
-        model, history = train(cfg, dbg, ctx, splits)
+        model, history = train(cfg, ctx, splits)
         result: dict[str, Any] = {}
         if ctx.info.is_main:
-            result = finish(cfg, ctx.run_dir, model, splits, history)
+            result = finish(cfg, ctx.run_dir, model, splits, history, ctx.setup.autocast)
         barrier()
         return result
 

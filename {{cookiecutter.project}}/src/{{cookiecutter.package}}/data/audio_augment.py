@@ -2,7 +2,7 @@
 
 It is the ``augment`` hook of :class:`.batches.ExampleBatches`: applied to training batches only (evaluation uses
 ``iter_batches``, which has no hook), with a generator seeded from the batch's position, so a run and its resume draw
-the same augmentations. In order, each part its own switch in :class:`..config.SpeechAugmentConfig`:
+the same augmentations. In order, each part its own switch in :class:`..config.speech.SpeechAugmentConfig`:
 
 1. speed perturbation: resample each clip by a factor in ``speed`` (tempo and pitch move together, as Kaldi/sox
    ``speed`` do): a voice a little higher or lower and faster or slower than any in the data;
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import SpeechAugmentConfig
+from ..config.speech import SpeechAugmentConfig
 
 
 def _uniform(n: int, low: float, high: float, g: torch.Generator) -> Tensor:

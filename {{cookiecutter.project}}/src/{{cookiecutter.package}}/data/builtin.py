@@ -248,6 +248,24 @@ def _article(genre: str) -> str:
     return {"comedy": "a comedy", "tragedy": "a tragedy", "history": "a history play"}[genre]
 
 
+def _main_speakers(speeches: list[Speech], n: int) -> list[str]:
+    """The `n` speakers with the most lines (ties by name)."""
+    counts: dict[str, int] = {}
+    for s in speeches:
+        counts[s.speaker] = counts.get(s.speaker, 0) + len(s.lines)
+    return sorted(counts, key=lambda k: (-counts[k], k))[:n]
+
+
+def _line_pairs(speeches: list[Speech], min_chars: int) -> list[tuple[str, str]]:
+    """(line, next line of the same speech) for every pair of consecutive lines both `min_chars` long or longer."""
+    return [
+        (a, b)
+        for s in speeches
+        for a, b in zip(s.lines, s.lines[1:], strict=False)
+        if len(a) >= min_chars and len(b) >= min_chars
+    ]
+
+
 def build_sft_records(
     corpus: str,
     *,
@@ -282,10 +300,7 @@ def build_sft_records(
 
     for _ in range(n_speaker):
         play = pick_play()
-        counts: dict[str, int] = {}
-        for s in speeches[play.info.key]:
-            counts[s.speaker] = counts.get(s.speaker, 0) + len(s.lines)
-        main = sorted(counts, key=lambda k: (-counts[k], k))[:3]
+        main = _main_speakers(speeches[play.info.key], 3)
         candidates = [s for s in speeches[play.info.key] if s.speaker in main and 80 <= len(s.text) <= 400]
         speech = rng.choice(candidates)
         records.append(
@@ -296,14 +311,7 @@ def build_sft_records(
         )
 
     for _ in range(n_continue):
-        play = pick_play()
-        pairs = [
-            (a, b)
-            for s in speeches[play.info.key]
-            for a, b in zip(s.lines, s.lines[1:], strict=False)
-            if len(a) >= 20 and len(b) >= 20
-        ]
-        line, nxt = rng.choice(pairs)
+        line, nxt = rng.choice(_line_pairs(speeches[pick_play().info.key], min_chars=20))
         records.append({"prompt": f"Continue this line:\n\n{line}", "response": nxt})
 
     for _ in range(n_genre):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import ImageAugmentConfig
+from ..config.vision import ImageAugmentConfig
 from .batches import Augment
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..config import SPEECH_WORDS
+from ..config.speech import SPEECH_WORDS
 from .wav import mulaw_decode, read_wav, resample
 
 WORDS = SPEECH_WORDS

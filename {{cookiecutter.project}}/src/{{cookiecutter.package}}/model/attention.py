@@ -1,14 +1,15 @@
-"""Attention: rotary position embeddings, grouped-query attention through SDPA, a KV cache, and a written-out reference.
+"""Attention: rotary position embeddings, grouped-query attention, a KV cache, and the textbook formula written out.
 
 Read top to bottom:
 1. `RotaryEmbedding` / `apply_rotary`: positions enter attention by rotating q and k (Hugging Face Llama's pairing of
    dimensions, so weights exported to transformers give the same logits).
-2. `build_attention_mask`: one boolean mask per forward pass (True = may attend), or None for the fast causal path.
+2. `build_attention_mask`: one boolean causal mask per forward pass (True = may attend), or None for the fast path.
 3. `KVCache`: keys/values of past positions, so generation feeds one new token per step.
-4. `Attention`: the module the models use. Grouped-query attention (n_kv_heads <= n_heads), causal or padded
-   self-attention, or cross-attention over a separate `context` sequence.
-5. `reference_attention` / `ReferenceMultiHeadAttention`: the textbook formula softmax(QK^T / sqrt(d_k)) V with one
-   projection per head. Slow and obvious on purpose; the tests prove `Attention` computes the same numbers.
+4. `written_out_attention`: softmax(Q K^T / sqrt(d_k)) V, one line per step, to read and to step through.
+5. `Attention`: the module the models use. Grouped-query attention (n_kv_heads <= n_heads), causal or bidirectional
+   self-attention, computed by `F.scaled_dot_product_attention` (fused kernels) or, with `written_out=True`
+   (`--model.attention written_out`), by `written_out_attention`: the same numbers (within 1e-5 in fp32, forward and
+   gradients; tests/test_attention.py), every intermediate a tensor you can print in the debugger.
 
 Shapes: B batch, T query length, S key length (past + current), C model width, H query heads, K key/value heads,
 D head width (C = H * D).
@@ -87,29 +88,25 @@ class RotaryEmbedding(nn.Module):
 # Masks and cache
 
 
-def build_attention_mask(
-    attention_mask: Tensor | None, q_len: int, past_len: int = 0, *, causal: bool = True
-) -> Tensor | None:
+def build_attention_mask(attention_mask: Tensor | None, q_len: int, past_len: int = 0) -> Tensor | None:
     """Combine padding and causality into one bool mask [B|1, 1, T, S] (True = attend), or None when not needed.
 
     attention_mask: None | [B, S] or [B, T] (1 = real token, 0 = padding) | [B, 1, T, S] bool (used as given).
-    None is returned when plain `is_causal` (no past, no padding) or no masking at all is enough: SDPA then picks its
-    fastest kernel and nothing of size T x S is materialised.
+    None is returned when plain `is_causal` (no past, no padding) is enough: SDPA then picks its fastest kernel and
+    nothing of size T x S is materialised.
     """
     if attention_mask is not None and attention_mask.dim() == 4:
         return attention_mask.to(torch.bool)
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None  # no padding anywhere: same as no mask, and the fast path stays available
-    if attention_mask is None and (not causal or past_len == 0 or q_len == 1):
-        return None  # caller uses is_causal=(causal and past_len == 0 and q_len > 1)
+    if attention_mask is None and (past_len == 0 or q_len == 1):
+        return None  # caller uses is_causal=(past_len == 0 and q_len > 1)
     total = past_len + q_len
     device = attention_mask.device if attention_mask is not None else None
-    mask = torch.ones(1, 1, q_len, total, dtype=torch.bool, device=device)
-    if causal:
-        # Query i sits at absolute position past_len + i and may see keys 0 .. past_len + i (bottom-right aligned).
-        q_pos = torch.arange(past_len, total, device=device)[:, None]  # [T, 1]
-        k_pos = torch.arange(total, device=device)[None, :]  # [1, S]
-        mask = mask & (k_pos <= q_pos)
+    # Query i sits at absolute position past_len + i and may see keys 0 .. past_len + i (bottom-right aligned).
+    q_pos = torch.arange(past_len, total, device=device)[:, None]  # [T, 1]
+    k_pos = torch.arange(total, device=device)[None, :]  # [1, S]
+    mask = (k_pos <= q_pos)[None, None]  # [1, 1, T, S]
     if attention_mask is not None:
         keep = attention_mask.to(torch.bool)[:, -total:]  # [B, S]; HF passes past + current
         mask = mask & keep[:, None, None, :]
@@ -153,16 +150,45 @@ def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The formula, written out (what the textbooks draw)
+
+
+def written_out_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+) -> Tensor:
+    """softmax(Q K^T / sqrt(d_k)) V, taking the arguments of `F.scaled_dot_product_attention` (equal head counts).
+
+    query [..., T, d_k], key [..., S, d_k], value [..., S, d_v], attn_mask bool [..., T, S] (True = attend);
+    is_causal: query t sees keys 0..t (top-left aligned, as in SDPA). -> [..., T, d_v].
+    """
+    scores = query @ key.transpose(-2, -1) / math.sqrt(query.shape[-1])  # [..., T, S]: each query against each key
+    if is_causal:
+        causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+        attn_mask = causal if attn_mask is None else attn_mask & causal
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))  # forbidden keys get weight 0 after the softmax
+    # The softmax in fp32 whatever the input dtype, as SDPA's kernels accumulate it.
+    weights = torch.softmax(scores.float(), dim=-1).to(value.dtype)  # [..., T, S], every row sums to 1
+    if dropout_p:
+        weights = F.dropout(weights, dropout_p)  # drops query-key links, as SDPA's dropout does
+    return weights @ value  # [..., T, d_v]: each query's weighted average of the values
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The attention module the models use
 
 
 class Attention(nn.Module):
-    """Multi-head attention with grouped-query heads, computed by `F.scaled_dot_product_attention`.
+    """Multi-head self-attention with grouped-query heads: forward(x, rope=(cos, sin), mask=..., causal=True).
 
-    Self-attention: forward(x, rope=(cos, sin), mask=..., causal=True). Cross-attention (`cross=True`): queries from x,
-    keys/values from `context` [B, S, C], no rotary (the two sequences share no position axis), never causal.
     Projections are named like Hugging Face Llama (q_proj, k_proj, v_proj, o_proj) so LoRA targets and weight export
-    are a key copy.
+    are a key copy. `written_out` only picks what `attend` calls (SDPA, or `written_out_attention`); the weights are
+    the same, so a model trained with one runs with the other (transformers calls the written-out kind "eager").
     """
 
     def __init__(
@@ -172,8 +198,8 @@ class Attention(nn.Module):
         n_kv_heads: int | None = None,
         *,
         dropout: float = 0.0,
-        cross: bool = False,
         layer_idx: int = 0,
+        written_out: bool = False,
     ):
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
@@ -183,8 +209,8 @@ class Attention(nn.Module):
         self.head_dim = dim // n_heads
         self.n_rep = n_heads // n_kv_heads  # query heads sharing one key/value head
         self.dropout = dropout
-        self.cross = cross
         self.layer_idx = layer_idx  # which slot of a KVCache this layer owns
+        self.written_out = written_out
         self.q_proj = nn.Linear(dim, n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
@@ -197,125 +223,49 @@ class Attention(nn.Module):
         rope: tuple[Tensor, Tensor] | None = None,
         mask: Tensor | None = None,
         causal: bool = True,
-        context: Tensor | None = None,
         cache: KVCache | None = None,
     ) -> Tensor:
         """x [B, T, C] -> [B, T, C].
 
-        mask: None or bool [B|1, 1|H, T, S] (True = attend), e.g. from `build_attention_mask`. With mask None and
-        causal=True, causality comes from SDPA's `is_causal` (the fast path) when there is no past.
-        cache: self-attention appends this call's keys/values to it (cross-attention ignores it).
+        mask: None or bool [B|1, 1|H, T, S] (True = attend), e.g. from `build_attention_mask`; a mask is the whole
+        rule, causality included. With mask None and causal=True, causality comes from SDPA's `is_causal` (the fast
+        path) when there is no past. causal=False with no mask: every position sees every position.
+        cache: this call's keys/values are appended to it, and attention runs over all of them.
         """
-        B, T, _ = x.shape
-        kv_in = context if self.cross else x
-        S_new = kv_in.shape[1]
-        # Project, then split the width into heads: [B, T, H*D] -> [B, T, H, D] -> [B, H, T, D] (a view, no copy).
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(kv_in).view(B, S_new, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, S, D]
-        v = self.v_proj(kv_in).view(B, S_new, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, S, D]
-        if rope is not None and not self.cross:
-            cos, sin = rope
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-
-        past_len = 0
-        if cache is not None and not self.cross:
+        q = self.split_heads(self.q_proj(x), self.n_heads)  # [B, H, T, D]
+        k = self.split_heads(self.k_proj(x), self.n_kv_heads)  # [B, K, T, D]
+        v = self.split_heads(self.v_proj(x), self.n_kv_heads)  # [B, K, T, D]
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        T, past_len = x.shape[1], 0
+        if cache is not None:
             past_len = cache.seq_len(self.layer_idx)
             k, v = cache.update(self.layer_idx, k, v)  # [B, K, S, D] with S = past + T
-
-        if causal and not self.cross and mask is None and past_len > 0 and T > 1:
+        if causal and mask is None and past_len > 0 and T > 1:
             mask = build_attention_mask(None, T, past_len)  # a chunk after a past: is_causal would align top-left
-        is_causal = causal and not self.cross and mask is None and past_len == 0 and T > 1
-        y = self._sdpa(q, k, v, mask, is_causal)  # [B, H, T, D]
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # heads side by side again: [B, T, C]
-        return self.o_proj(y)
+        is_causal = causal and mask is None and past_len == 0 and T > 1
+        return self.o_proj(self.merge_heads(self.attend(q, k, v, mask, is_causal)))
 
-    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
+    def split_heads(self, x: Tensor, n_heads: int) -> Tensor:
+        """[B, T, n*D] -> [B, n, T, D]: the width cut into heads (a view, no copy), heads in front of time."""
+        B, T, _ = x.shape
+        return x.view(B, T, n_heads, self.head_dim).transpose(1, 2)
+
+    @staticmethod
+    def merge_heads(y: Tensor) -> Tensor:
+        """[B, H, T, D] -> [B, T, H*D]: the heads' outputs side by side again."""
+        B, H, T, D = y.shape
+        return y.transpose(1, 2).reshape(B, T, H * D)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
+        """q [B, H, T, D], k and v [B, K, S, D] -> [B, H, T, D]: each query's weighted average of the values."""
         dropout_p = self.dropout if self.training else 0.0
+        if self.written_out:
+            k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)  # query head h reads key/value head h // n_rep
+            return written_out_attention(q, k, v, mask, dropout_p, is_causal)
         # enable_gqa only without a mask: with one, some torch/CUDA versions fall back to the slow math kernel (the
         # same rule transformers uses); then copying the K heads up to H is the cheaper way.
         if self.n_rep > 1 and _SDPA_HAS_GQA and mask is None:
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=True
-            )
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=True)
         k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)  # [B, H, S, D]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Written-out reference (what the textbooks draw). Used by the tests, and to read when SDPA feels like magic.
-
-
-def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """RoPE as the paper writes it: dimension i pairs with i + D/2 and the pair (a, b) turns by its position's angle,
-    (a, b) -> (a cos - b sin, b cos + a sin). x [..., T, D]; cos, sin as `RotaryEmbedding` gives them."""
-    half = x.shape[-1] // 2
-    a, b = x[..., :half], x[..., half:]
-    c, s = cos[..., :half], sin[..., half:]  # sin's second half is +sin (the first half holds -sin)
-    return torch.cat((a * c - b * s, b * c + a * s), dim=-1)
-
-
-def reference_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-    """softmax(Q K^T / sqrt(d_k)) V.  q [..., T, d_k], k [..., S, d_k], v [..., S, d_v], mask bool [..., T, S]."""
-    d_k = q.shape[-1]
-    scores = q @ k.transpose(-2, -1) / math.sqrt(d_k)  # [..., T, S]: how well each query matches each key
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))  # forbidden keys get zero weight after softmax
-    weights = torch.softmax(scores, dim=-1)  # [..., T, S], rows sum to 1
-    return weights @ v  # [..., T, d_v]: weighted average of the values
-
-
-class ReferenceMultiHeadAttention(nn.Module):
-    """Multi-head attention as in "Attention Is All You Need": one small W_q, W_k, W_v per head, run one head at a time,
-    outputs concatenated and mixed by W_o. Grouped-query attention: query head h reads key/value head h // n_rep.
-
-    `load_from(attn)` copies an `Attention`'s fused weights into the per-head matrices (rows h*D:(h+1)*D of q_proj are
-    head h's W_q), so both can be compared on the same input.
-    """
-
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, *, cross: bool = False):
-        super().__init__()
-        n_kv_heads = n_kv_heads or n_heads
-        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
-        self.n_rep = n_heads // n_kv_heads
-        self.cross = cross
-        self.w_q = nn.ModuleList(nn.Linear(dim, self.head_dim, bias=False) for _ in range(n_heads))
-        self.w_k = nn.ModuleList(nn.Linear(dim, self.head_dim, bias=False) for _ in range(n_kv_heads))
-        self.w_v = nn.ModuleList(nn.Linear(dim, self.head_dim, bias=False) for _ in range(n_kv_heads))
-        self.w_o = nn.Linear(n_heads * self.head_dim, dim, bias=False)
-
-    @torch.no_grad()
-    def load_from(self, attn: Attention) -> ReferenceMultiHeadAttention:
-        D = self.head_dim
-        for h in range(self.n_heads):
-            self.w_q[h].weight.copy_(attn.q_proj.weight[h * D : (h + 1) * D])
-        for h in range(self.n_kv_heads):
-            self.w_k[h].weight.copy_(attn.k_proj.weight[h * D : (h + 1) * D])
-            self.w_v[h].weight.copy_(attn.v_proj.weight[h * D : (h + 1) * D])
-        self.w_o.weight.copy_(attn.o_proj.weight)
-        return self
-
-    def forward(
-        self,
-        x: Tensor,
-        *,
-        rope: tuple[Tensor, Tensor] | None = None,
-        mask: Tensor | None = None,
-        causal: bool = True,
-        context: Tensor | None = None,
-    ) -> Tensor:
-        """x [B, T, C] -> [B, T, C]; mask bool [B|1, 1, T, S] (True = attend) is combined with causality if causal."""
-        kv_in = context if self.cross else x
-        T, S = x.shape[1], kv_in.shape[1]
-        allowed = torch.ones(T, S, dtype=torch.bool, device=x.device)
-        if causal and not self.cross:
-            allowed = torch.tril(allowed)  # query t sees keys 0..t
-        if mask is not None:
-            allowed = allowed & mask[:, 0]  # [B, T, S]
-        heads = []
-        for h in range(self.n_heads):
-            g = h // self.n_rep  # the key/value head this query head shares
-            q, k, v = self.w_q[h](x), self.w_k[g](kv_in), self.w_v[g](kv_in)  # [B, T, D], [B, S, D], [B, S, D]
-            if rope is not None and not self.cross:
-                q, k = rotate_pairs(q, *rope), rotate_pairs(k, *rope)
-            heads.append(reference_attention(q, k, v, allowed))  # [B, T, D]
-        return self.w_o(torch.cat(heads, dim=-1))  # [B, T, H*D] -> [B, T, C]

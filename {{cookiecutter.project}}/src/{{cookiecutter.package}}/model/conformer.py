@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import AudioFeatureConfig, ConformerConfig
+from ..config.speech import AudioFeatureConfig, ConformerConfig
 from ..data.audio_features import LogMel, hop_for, n_fft_for
 from .attention import Attention, RotaryEmbedding
 from .transformer import ClassifierOutput

@@ -1,8 +1,8 @@
 """Move weights between LlamaLM and a Hugging Face `LlamaForCausalLM` directory, both ways, without remote code.
 
 export_hf(model, out_dir, tokenizer=None): config.json (transformers.LlamaConfig) + model.safetensors (+ tokenizer
-files, generation_config.json). The result loads with `AutoModelForCausalLM.from_pretrained(out_dir)`, runs in vLLM /
-llama.cpp converters, and pushes to the Hub like any Llama.
+files, generation_config.json). The result loads with `AutoModelForCausalLM.from_pretrained(out_dir)` and pushes to
+the Hub like any Llama (llama.cpp's GGUF converter is another matter: the README's "Use the models elsewhere").
 
 import_hf(path) -> LlamaLM: reads config.json and model.safetensors (or a sharded model.safetensors.index.json), e.g.
 SmolLM2 or TinyLlama, into our module. Only the Llama architecture is accepted; anything else is a clear error

@@ -1,7 +1,8 @@
 """LlamaLM: a decoder-only language model with the Llama architecture, written to be read top to bottom.
 
 token ids [B, T] -> embed_tokens -> n_layers x DecoderBlock (RMSNorm, GQA attention with RoPE, SwiGLU) -> norm
--> lm_head -> logits [B, T, V] (or, given labels, the loss: see `linear_cross_entropy`).
+-> lm_head -> logits [B, T, V] (or, given labels, the loss: see `linear_cross_entropy`). `config.attention` picks how
+attention is computed: SDPA, or the formula written out (`model.attention.written_out_attention`) to step through.
 
 Parameter names are Hugging Face Llama's without the `model.` prefix (embed_tokens, layers.{i}.self_attn.q_proj,
 ..., norm, lm_head), so `model.hf.export_hf` is a key copy, LoRA targets ("q_proj", "v_proj", ...) are the usual ones,
@@ -19,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from .attention import KVCache, RotaryEmbedding, build_attention_mask
-from .transformer import DecoderBlock, RMSNorm, init_weights, swiglu_hidden_dim
+from .transformer import DecoderBlock, RMSNorm, block_options, init_weights, swiglu_hidden_dim
 
 __all__ = ["KVCache", "LMOutput", "LlamaLM"]
 
@@ -40,7 +41,7 @@ class LlamaLM(nn.Module):
         hidden = swiglu_hidden_dim(c.dim, c.multiple_of, c.hidden_dim)
         self.embed_tokens = nn.Embedding(c.vocab_size, c.dim)
         self.layers = nn.ModuleList(
-            DecoderBlock(c.dim, c.n_heads, c.n_kv_heads, hidden, norm_eps=c.norm_eps, dropout=c.dropout, layer_idx=i)
+            DecoderBlock(c.dim, c.n_heads, c.n_kv_heads, hidden, layer_idx=i, **block_options(c))
             for i in range(c.n_layers)
         )
         self.norm = RMSNorm(c.dim, c.norm_eps)
@@ -73,7 +74,7 @@ class LlamaLM(nn.Module):
         # Default positions come straight off the rotary table as slices (no gather, no host sync).
         rope = self.rope(position_ids) if position_ids is not None else self.rope.span(past_len, T)
         # None when nothing is padded and there is no past: attention then uses SDPA's is_causal fast path.
-        mask = build_attention_mask(attention_mask, T, past_len, causal=True)
+        mask = build_attention_mask(attention_mask, T, past_len)
 
         x = self.embed_tokens(input_ids)  # [B, T, C]
         recompute = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
@@ -172,8 +173,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, n_chunks: int) -> Tensor:
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, n_chunks: int, grad_mode: bool) -> Tensor:
+        # needs_input_grad follows requires_grad alone, and grad mode always reads off in here: grad_mode is the
+        # caller's, so an evaluation under no_grad computes the loss without the two gradient matmuls per block.
+        need_h, need_w = grad_mode and ctx.needs_input_grad[0], grad_mode and ctx.needs_input_grad[1]
         valid = targets != -100  # [N]
         total = hidden.new_zeros((), dtype=torch.float32)
         grad_h = []
@@ -206,7 +209,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = grad_loss / n_valid.clamp(min=1)
         dh = grad_h * scale.to(grad_h.dtype) if grad_h is not None else None
         dw = (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None
-        return dh, dw, None, None
+        return dh, dw, None, None, None
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, n_chunks: int = LOSS_CHUNKS) -> Tensor:
@@ -217,7 +220,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, n_chun
     ever building the [N, V] logits (see :class:`_LinearCrossEntropy`). Under bf16 autocast the matmuls run in bf16
     and the softmax and loss in fp32, as they would for the unfused layer.
     """
-    return _LinearCrossEntropy.apply(hidden, weight, targets, n_chunks)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, n_chunks, torch.is_grad_enabled())
 
 
 def chunked_cross_entropy(hidden: Tensor, head: nn.Module, targets: Tensor, n_chunks: int = LOSS_CHUNKS) -> Tensor:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ResNetConfig
+from ..config.vision import ResNetConfig
 from .transformer import ClassifierOutput
 
 

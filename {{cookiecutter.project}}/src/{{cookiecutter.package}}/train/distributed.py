@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,6 +112,12 @@ def get_world_size() -> int:
 
 def is_main_process() -> bool:
     return get_rank() == 0
+
+
+def notice(message: str) -> None:
+    """One line on stderr, from the main process only (every rank reaches the same conclusions)."""
+    if get_rank() == 0:
+        print(message, file=sys.stderr, flush=True)
 
 
 def barrier() -> None:

@@ -1,11 +1,9 @@
 """What a run shows and writes while it trains: the progress bar, log lines, TensorBoard and ``metrics.jsonl``.
 
-Three pieces, all used by :func:`.loop.fit`:
+Two pieces, both used by :func:`.loop.fit` (with :class:`.health.GradHealth`, whose numbers it also writes):
 
 - :class:`StepLog` holds the steps since the device was last read and the clock of that window: ``train_step``
   leaves its numbers on the device, and reading them once per ``log_every`` is what keeps a GPU busy;
-- :class:`GradHealth` measures each module's gradient and weight norms and its update/weight ratio on the steps it is
-  due (``train.grad_stats_every``), and warns when gradients vanish or explode;
 - :class:`RunLogger` turns the records into output, on rank 0 only (every method is a no-op elsewhere): TensorBoard
   and/or Weights & Biases (``train.logger``), the progress bar, log lines and ``metrics.jsonl``.
 
@@ -19,15 +17,13 @@ from __future__ import annotations
 import html
 import json
 import os
-import statistics
 import sys
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..config import ConfigError, TrainConfig
 from ..metrics import format_confusion_matrix, scalar_metrics, summary_line
@@ -94,118 +90,10 @@ class StepLog:
         return records
 
     def raise_if_failed(self) -> None:
-        """Raise NonFiniteLossError for the skipped step :meth:`read` found, if any."""
+        """Raise NonFiniteError for the skipped step :meth:`read` found, if any."""
         if self.failed is not None:
             step, result = self.failed
             result.check_finite(step)
-
-
-class GradHealth:
-    """Per-module gradient health, measured only on the steps it is due, read at the next log.
-
-    On a due step ``train_step`` calls :meth:`capture_gradients` after backward and before clipping (the raw
-    gradients) and ``fit`` calls :meth:`capture_update` after the optimizer step; both only queue device work, and
-    other steps cost nothing (no hooks, no copies). :meth:`read` returns, per module (the parameters' owner, e.g.
-    ``layers.3.mlp.down_proj``): ``grad_norm``, ``weight_norm`` and ``update_ratio`` = ||W_after - W_before|| / ||W||
-    (healthy training sits around 1e-3; far below, the module barely learns; far above, it is thrashing), plus
-    warnings: **vanishing** when a module's gradient norm stays below ``vanish_below`` for ``vanish_logs`` reads in a
-    row, **exploding** when it jumps above ``explode_factor`` times its median over the last ``history`` reads.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        every: int,
-        *,
-        vanish_below: float = 1e-7,
-        vanish_logs: int = 3,
-        explode_factor: float = 10.0,
-        history: int = 10,
-    ) -> None:
-        groups: dict[str, list[nn.Parameter]] = {}
-        for name, param in model.named_parameters():
-            if param.requires_grad:
-                groups.setdefault(name.rpartition(".")[0] or name, []).append(param)
-        self.modules, self.params = list(groups), list(groups.values())
-        self.every, self.vanish_below, self.vanish_logs = every, vanish_below, vanish_logs
-        self.explode_factor = explode_factor
-        self.history: dict[str, deque[float]] = {m: deque(maxlen=history) for m in self.modules}
-        self.small: dict[str, int] = dict.fromkeys(self.modules, 0)
-        self._grads: Tensor | None = None
-        self._samples: list[Tensor] = []
-        self._before: list[list[Tensor]] = []
-        self.pending: tuple[int, Tensor, Tensor, Tensor, list[Tensor]] | None = None
-
-    def due(self, step: int, last: bool) -> bool:
-        return self.every > 0 and (step % self.every == 0 or last)
-
-    def capture_gradients(self) -> None:
-        """Norms of the raw gradients per module, a small sample of them for histograms, and the weights before the
-        update (a copy, on due steps only)."""
-        norms, self._samples = [], []
-        for params in self.params:
-            grads = [p.grad.detach().float() for p in params if p.grad is not None]
-            if not grads:
-                norms.append(torch.zeros((), device=params[0].device))
-                self._samples.append(torch.zeros(1, device=params[0].device))
-                continue
-            norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-            # ~1k values per module reach the host: strided views of each gradient, never a copy of all of them
-            per_tensor = max(1, 1024 // len(grads))
-            self._samples.append(torch.cat([g.flatten()[:: max(1, g.numel() // per_tensor)] for g in grads]))
-        self._grads = torch.stack(norms)
-        self._before = [[p.detach().clone() for p in params] for params in self.params]
-
-    def capture_update(self, step: int) -> None:
-        """After the optimizer step: the weights' norms and how far the update moved them."""
-        if self._grads is None:
-            return
-        weights, updates = [], []
-        for params, before in zip(self.params, self._before, strict=True):
-            weights.append(
-                torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.detach().float()) for p in params]))
-            )
-            moved = [torch.linalg.vector_norm((p.detach() - b).float()) for p, b in zip(params, before, strict=True)]
-            updates.append(torch.linalg.vector_norm(torch.stack(moved)))
-        self.pending = (step, self._grads, torch.stack(weights), torch.stack(updates), self._samples)
-        self._grads, self._before, self._samples = None, [], []
-
-    def read(self) -> tuple[int, dict[str, dict[str, float]], list[Tensor], list[str]] | None:
-        """(step, per-module grad_norm / weight_norm / update_ratio, gradient samples, warnings) of the pending
-        measurement (one device read), or None."""
-        if self.pending is None:
-            return None
-        step, grads, weights, updates, samples = self.pending
-        self.pending = None
-        rows = torch.stack([grads, weights, updates]).tolist()
-        stats = {
-            m: {"grad_norm": g, "weight_norm": w, "update_ratio": u / w if w > 0 else 0.0}
-            for m, g, w, u in zip(self.modules, *rows, strict=True)
-        }
-        return step, stats, [t.cpu() for t in samples], self._warnings(step, stats)
-
-    def _warnings(self, step: int, stats: dict[str, dict[str, float]]) -> list[str]:
-        vanishing, exploding = [], []
-        for module, values in stats.items():
-            norm, past = values["grad_norm"], self.history[module]
-            self.small[module] = self.small[module] + 1 if norm < self.vanish_below else 0
-            if self.small[module] == self.vanish_logs:  # once per episode, not on every later read
-                vanishing.append(module)
-            # A full window first: early in training gradients grow fast from their initial scale, and that is no
-            # explosion.
-            median = statistics.median(past) if len(past) == past.maxlen else None
-            if median and norm > self.explode_factor * median:
-                exploding.append(f"{module} {norm:.3g} ({norm / median:.0f}x its running median {median:.3g})")
-            past.append(norm)
-        lines = []
-        if vanishing:
-            lines.append(
-                f"warning: vanishing gradients at step {step} (norm < {self.vanish_below:g} for {self.vanish_logs} "
-                f"logs in a row): {', '.join(vanishing)}"
-            )
-        if exploding:
-            lines.append(f"warning: exploding gradients at step {step}: {'; '.join(exploding)}")
-        return lines
 
 
 class RunLogger:

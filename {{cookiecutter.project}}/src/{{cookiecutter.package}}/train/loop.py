@@ -1,44 +1,52 @@
-"""fit(): the one training loop, shared by pre-training and fine-tuning.
+"""fit(): the one training loop, shared by every training entry point.
 
-What it does, in order, every step: draw ``grad_accum`` micro-batches from a :class:`BatchSource`, call
-:func:`.step.train_step` and advance the progress bar. Every ``log_every`` steps (and before an evaluation or a
-checkpoint) it reads the steps' numbers from the device in one go (:class:`.logger.StepLog`), logs them
-(:class:`.logger.RunLogger`: a line, TensorBoard, ``metrics.jsonl``) and stops on a non-finite step; then, when due,
-it evaluates and samples (:func:`run_eval`) and checkpoints (:func:`save_state`). Resume set-up is :func:`restore`.
-Everything else (building the model, the data, the evaluation and sampling functions) belongs to the entry point,
-which passes plain functions in; there are no callbacks beyond ``evaluate``/``sample``/``save_model``.
+Every step it draws ``grad_accum`` micro-batches from a :class:`BatchSource` and calls :func:`.step.train_step`; the
+numbers stay on the device. Then plain "if due" blocks: every ``log_every`` steps (and before an evaluation or a
+checkpoint) it reads the steps' numbers in one go (:class:`.logger.StepLog`) and logs them (:class:`.logger.RunLogger`:
+a line, TensorBoard, ``metrics.jsonl``), stopping at a non-finite step; when due, it evaluates and samples
+(:func:`run_eval`) and checkpoints (:func:`save_state`). Resuming is :func:`restore`.
 
-Also here: the runtime set-up every entry point calls before building its model (:func:`setup_runtime`: seeds,
-deterministic algorithms, TF32) and the precision choice (:func:`resolve_precision`, :func:`autocast_context`).
+The entry point builds the model and the data and passes plain functions in (:class:`Job`: ``evaluate``, ``sample``,
+``save_model``); what a job sets up once (seeds, precision, compilation, the resume point) is ``runtime.py``'s, which
+hands fit the outcome (:class:`RunSetup`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
-import random
 import shutil
-import sys
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError, OptimConfig, TrainConfig, config_to_dict
+from ..config import OptimConfig, TrainConfig, config_to_dict
+from ..debug import NonFiniteGuard
 from ..metrics import classification_metrics
 from . import checkpoint as ckpt
-from .distributed import all_gather_object, all_reduce_mean, barrier, get_rank, get_world_size, is_compiled, unwrap
+from .distributed import (
+    all_gather_object,
+    all_reduce_mean,
+    barrier,
+    get_rank,
+    get_world_size,
+    is_compiled,
+    notice,
+    unwrap,
+)
 from .flops import peak_flops
-from .logger import GradHealth, RunLogger, StepLog
+from .health import GradHealth
+from .logger import RunLogger, StepLog
 from .optim import build_optimizer, build_scheduler
-from .step import NonFiniteLossError, train_step
+from .state import rng_state
+from .step import train_step
 
 # --------------------------------------------------------------------------------------------------------------------
-# The data interface fit() consumes
+# What fit() takes: the data, the run's set-up, the entry point's additions
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -52,103 +60,35 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def _notice(message: str) -> None:
-    if get_rank() == 0:
-        print(message, file=sys.stderr, flush=True)
+@dataclass
+class RunSetup:
+    """What ``runtime.py`` works out once per run and hands :func:`fit`; the defaults are a fresh fp32 run."""
+
+    resume_from: Path | None = None  # the checkpoint to continue from, verified (runtime.resolve_start); None = fresh
+    autocast: contextlib.AbstractContextManager = field(default_factory=contextlib.nullcontext)  # around each forward
+    dtype: torch.dtype | None = None  # the autocast dtype (None = fp32), which sets the peak FLOPS of the MFU
+    break_on_nonfinite: bool = False  # NonFiniteGuard hooks name the first module with a NaN/Inf output or gradient
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Runtime set-up and precision
-# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    """What an entry point adds to the plain loop: its evaluation and samples, what each checkpoint stores besides
+    the training state, and what throughput counts. Every field is optional."""
 
+    # evaluate(model) -> {"loss": ..., ...}: every cfg.eval_every steps and at the end, on every rank (averaged), with
+    # the unwrapped model in eval mode under no_grad and autocast; logged as eval/<key> (see evaluate_loss)
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
+    sample: Callable[[nn.Module], str | list[str]] | None = None  # with evaluate, rank 0: text(s) printed and logged
+    config: Any = None  # the run's full config (dataclass or dict): stored in every checkpoint, sent to W&B
+    extra_state: dict | Callable[[], dict] | None = None  # plain data (or a function returning it), kept as "extra"
+    save_model: Callable[[nn.Module, Path], None] | None = None  # (model, dir): more files, e.g. a peft adapter
+    # training FLOPs per counted item for MFU; for language batches our LlamaLM's own count, or 6N, when omitted
+    flops_per_item: float | None = None
+    unit: str = "tok"  # what throughput counts: tokens, or "ex" for examples (images, audio)
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def setup_runtime(cfg: TrainConfig, device: torch.device) -> None:
-    """Seeds, determinism and matmul precision; call once before the model is built (its init draws random numbers).
-
-    Every rank uses the same seed so that models start identical; data sources are seeded per rank by the caller.
-    """
-    seed_everything(cfg.seed)
-    if cfg.deterministic:
-        # cuBLAS needs a fixed workspace to be reproducible; must be set before the first CUDA matmul.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        # warn_only: an op without a deterministic kernel warns (naming itself) instead of ending the run.
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    if device.type == "cuda":
-        # "high" lets fp32 matmuls use TF32 tensor cores (Ampere+): ~8x the fp32 rate at ~1e-3 relative precision.
-        torch.set_float32_matmul_precision("high" if cfg.tf32 else "highest")
-
-
-def _read_cpu_flags() -> set[str]:
-    """CPU feature flags from /proc/cpuinfo (Linux x86 'flags', arm64 'Features'); empty elsewhere."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return set()
-    flags: set[str] = set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):
-            flags.update(value.split())
-    return flags
-
-
-def cpu_supports_bf16() -> bool:
-    """Native bf16 arithmetic on this CPU (x86 AVX512-BF16 / AMX-BF16, Arm BF16), where autocast pays off.
-
-    Without it bf16 is emulated through fp32 conversions and is *slower* than plain fp32.
-    """
-    flags = _read_cpu_flags()
-    if flags & {"avx512_bf16", "amx_bf16", "bf16"}:
-        return True
-    if sys.platform == "darwin":  # Apple silicon M2 and later report FEAT_BF16
-        import subprocess
-
-        try:
-            out = subprocess.run(
-                ["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True, timeout=5
-            ).stdout
-        except (OSError, subprocess.SubprocessError):
-            return False
-        return out.strip() == "1"
-    return False
-
-
-def resolve_precision(device: torch.device, precision: str) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device``: ``torch.bfloat16`` or ``None`` (plain fp32).
-
-    ``auto`` and ``bf16`` use bf16 autocast where the hardware has native bf16 (CUDA with ``is_bf16_supported``,
-    CPUs with AVX512-BF16/AMX/Arm BF16) and fall back to fp32 with a one-line notice otherwise. fp16 is not
-    offered: it needs loss scaling, and every GPU with bf16 is better served by it.
-    """
-    if precision == "fp32":
-        return None
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        _notice(f"notice: {torch.cuda.get_device_name(device)} has no bf16 support: training in fp32 (TF32 if allowed)")
-        return None
-    if device.type == "cpu":
-        if cpu_supports_bf16():
-            return torch.bfloat16
-        _notice("notice: this CPU has no native bf16 (AVX512-BF16/AMX/Arm BF16): training in fp32")
-        return None
-    _notice(f"notice: bf16 autocast is not used on {device.type}: training in fp32")
-    return None
-
-
-def autocast_context(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """A reusable context manager for every forward pass: bf16 autocast, or a no-op for fp32."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    @property
+    def evaluates(self) -> bool:
+        return self.evaluate is not None or self.sample is not None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -211,11 +151,14 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """Our LlamaLM knows its FLOPs; otherwise 6 x trainable + 4 x frozen parameters (frozen weights need the forward
-    and the input-gradient matmuls, but no weight gradient)."""
+def _flops_per_token(model: nn.Module, batch: dict[str, Tensor]) -> float | None:
+    """Training FLOPs per token of a language batch, for MFU (None for other batches: they count examples). Our
+    LlamaLM knows its own; otherwise 6 x trainable + 4 x frozen parameters (frozen weights need the forward and the
+    input-gradient matmuls, but no weight gradient)."""
+    if "input_ids" not in batch:
+        return None
     if hasattr(model, "flops_per_token"):
-        return float(model.flops_per_token(seq_len))
+        return float(model.flops_per_token(batch["input_ids"].shape[-1]))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     return 6.0 * trainable + 4.0 * frozen
@@ -225,120 +168,63 @@ def _due(step: int, every: int, last: bool) -> bool:
     return last or (every > 0 and step % every == 0)
 
 
-def _params_finite(model: nn.Module) -> bool:
-    checks = [torch.isfinite(p).all() for p in model.parameters() if p.is_floating_point()]
-    return bool(torch.stack(checks).all()) if checks else True  # one read of the device
-
-
-def _wanted_resume(cfg: TrainConfig, resume: bool | str | Path | None) -> str | Path | None:
-    if resume is None:
-        return cfg.resume
-    if isinstance(resume, bool):
-        return "auto" if resume else None
-    return resume
-
-
-def resolve_start(run_dir: str | Path, cfg: TrainConfig, resume: bool | str | Path | None = None) -> Path | None:
-    """The checkpoint to resume from, or ``None`` for a fresh start; raises :class:`ConfigError` when a fresh start
-    would overwrite checkpoints (without ``cfg.overwrite``) or a resume path holds no checkpoint.
-
-    ``resume``: ``None`` = ``cfg.resume``; ``False`` = fresh; ``True``/``"auto"`` = latest checkpoint (fresh if
-    none yet); a path = that checkpoint (or that run directory's latest). Entry points call it before writing
-    anything so a refused run changes nothing; :func:`fit` calls it again.
-    """
-    root = Path(run_dir) / "checkpoints"
-    want = _wanted_resume(cfg, resume)
-    try:
-        found = ckpt.resolve_resume(want, root, log=_notice)
-    except FileNotFoundError as err:
-        raise ConfigError(str(err)) from err
-    if found is None and want is None and ckpt.list_checkpoints(root) and not cfg.overwrite:
-        raise ConfigError(
-            f"{run_dir} already has checkpoints (latest {ckpt.latest_checkpoint(root).name}): continue it with "
-            "--train.resume auto, start a new run with another --name, or replace it with --train.overwrite true"
-        )
-    return found
-
-
-def check_resume_labels(run_dir: str | Path, cfg: TrainConfig, labels: list[str] | None) -> None:
-    """Refuse (ConfigError) to resume a classifier whose checkpoint was trained on other classes than ``labels``:
-    its output layer has one row per class, in that order. Checkpoints keep them as ``extra_state["labels"]``."""
-    start = resolve_start(run_dir, cfg)
-    if start is None or labels is None:
-        return
-    saved = (ckpt.load_trainer_state(start).get("extra") or {}).get("labels")
-    if saved is not None and list(saved) != list(labels):
-        raise ConfigError(f"{start}: checkpoint labels {saved} differ from the data's labels {labels}")
-
-
 def restore(
-    run_dir: Path, cfg: TrainConfig, resume: bool | str | Path | None, model: nn.Module, optimizer, scheduler, source
+    resume_from: Path | None, run_dir: Path, cfg: TrainConfig, model: nn.Module, optimizer, scheduler, source
 ) -> int:
-    """Resume set-up: load the checkpoint :func:`resolve_start` picks into the model, optimizer, scheduler, RNG and
-    data source and return its step; or, for a fresh run, clear the run directory's old checkpoints and TensorBoard
-    logs (rank 0; a fresh run owns its directory) and return 0."""
-    ckpt_root = run_dir / "checkpoints"
-    resume_from = resolve_start(run_dir, cfg, resume)
+    """Resume set-up: load the checkpoint ``resume_from`` (resolved and verified before fit, see
+    ``runtime.resolve_start``) into the model, optimizer, scheduler, RNG and data source and return its step; or,
+    for a fresh run, clear the run directory's old TensorBoard logs (and its checkpoints with ``cfg.overwrite``;
+    rank 0: a fresh run owns its directory) and return 0."""
     if resume_from is None:
-        if _wanted_resume(cfg, resume) == "auto":
-            _notice(f"no intact checkpoint in {ckpt_root}: starting from step 0")
         if get_rank() == 0:
             # Old logs of the same name would interleave with the new curve. Checkpoints go only when asked to
             # (overwrite): after "auto" found none intact, the damaged ones stay to be inspected.
-            for stale in (ckpt_root, run_dir / "tb") if cfg.overwrite else (run_dir / "tb",):
+            for stale in (run_dir / "checkpoints", run_dir / "tb") if cfg.overwrite else (run_dir / "tb",):
                 if stale.exists():
-                    _notice(f"fresh run: removing {stale}")
+                    notice(f"fresh run: removing {stale}")
                     shutil.rmtree(stale)
         barrier()
         return 0
     rank, world = get_rank(), get_world_size()
-    state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, rank=rank)
+    state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, rank=rank, verified=True)
     data = state.get("data")
     if isinstance(data, list):  # one position per rank
         if len(data) != world:
-            _notice(f"notice: checkpoint has data positions for {len(data)} ranks, running {world}: reusing")
+            notice(f"notice: checkpoint has data positions for {len(data)} ranks, running {world}: reusing")
         data = data[rank % len(data)]
     if data is not None:
         source.load_state_dict(data)
-    _notice(f"resumed from {resume_from} at step {int(state['step'])}")
-    return int(state["step"])
+    step = int(state["step"])
+    notice(f"resumed from {resume_from} at step {step}")
+    if step >= cfg.max_steps:
+        notice(f"already at step {step} of train.max_steps={cfg.max_steps}: nothing to train")
+    return step
 
 
 def save_state(
-    ckpt_root: Path,
-    step: int,
-    model: nn.Module,
-    optimizer,
-    scheduler,
-    source: BatchSource,
-    cfg: TrainConfig,
-    *,
-    config: dict | None = None,
-    extra_state: dict | Callable[[], dict] | None = None,
-    save_model: Callable[[nn.Module, Path], None] | None = None,
+    run_dir: Path, step: int, model: nn.Module, optimizer, scheduler, source: BatchSource, cfg: TrainConfig, job: Job
 ) -> Path | None:
-    """Checkpoint after ``step``: every rank contributes its data position and RNG state, rank 0 writes (atomically,
-    refusing non-finite weights) and returns the path; the others return None."""
+    """Checkpoint after ``step``: every rank contributes its data position and RNG state, rank 0 writes (atomically)
+    and returns the path; the others return None. The weights are finite: :func:`fit` has read every step's
+    ``finite`` flag before it saves, and a non-finite step never updated them."""
     world = get_world_size()
-    per_rank = all_gather_object({"data": source.state_dict(), "rng": ckpt.rng_state()})
+    per_rank = all_gather_object({"data": source.state_dict(), "rng": rng_state()})
     path = None
     if get_rank() == 0:
-        if not _params_finite(model):
-            raise NonFiniteLossError(f"weights are non-finite after step {step}: checkpoint not written")
         path = ckpt.save_checkpoint(
-            ckpt_root,
+            run_dir / "checkpoints",
             step,
             model,
             optimizer,
             scheduler,
             data_state=[r["data"] for r in per_rank] if world > 1 else per_rank[0]["data"],
             rng=[r["rng"] for r in per_rank] if world > 1 else per_rank[0]["rng"],
-            config=config,
-            extra=extra_state() if callable(extra_state) else extra_state,
-            save_model=save_model,
+            config=config_to_dict(job.config),
+            extra=job.extra_state() if callable(job.extra_state) else job.extra_state,
+            save_model=job.save_model,
             keep=cfg.keep_checkpoints,
         )
-        _notice(f"checkpoint {path}")
+        notice(f"checkpoint {path}")
     barrier()
     return path
 
@@ -370,117 +256,70 @@ def fit(
     run_dir: str | Path,
     *,
     optim: OptimConfig | None = None,
-    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
-    sample: Callable[[nn.Module], str | list[str]] | None = None,
-    resume: bool | str | Path | None = None,
-    extra_state: dict | Callable[[], dict] | None = None,
-    save_model: Callable[[nn.Module, Path], None] | None = None,
-    config: Any = None,
-    break_on_nonfinite: bool = False,
-    flops_per_token: float | None = None,
-    progress: bool = True,
-    throughput_unit: str = "tok",
+    setup: RunSetup | None = None,
+    job: Job | None = None,
 ) -> list[dict]:
     """Train ``model`` for ``cfg.max_steps`` optimizer steps; return one metrics dict per step taken.
 
-    Args:
-        model: on its device already; may be wrapped in DDP (:func:`.distributed.wrap_ddp`) and/or compiled. Its
-            forward must return ``.loss`` (our LlamaLM, transformers and peft models all do). For a peft model only
-            the trainable parameters are optimized and checkpointed.
-        train_source: :class:`BatchSource` of training batches (CPU tensors are moved to the model's device).
-        cfg: steps, batch accumulation, clipping, logging/eval/save intervals, precision, resume.
-        run_dir: everything is written here: ``checkpoints/``, ``tb/`` (TensorBoard), ``metrics.jsonl``.
-        optim: AdamW + warmup/cosine settings (:class:`OptimConfig` defaults when omitted).
-        evaluate: ``evaluate(model) -> {"loss": ..., "perplexity": ..., ...}``, called every ``cfg.eval_every``
-            steps and at the end, with the unwrapped model in eval mode under ``no_grad`` and autocast, on every
-            rank (the numbers are averaged over ranks). Logged as ``eval/<key>``; see :func:`evaluate_loss`.
-        sample: ``sample(model) -> text or texts``, called with ``evaluate`` on rank 0 only (same modes); printed and
-            logged to TensorBoard as text.
-        resume: ``None`` = use ``cfg.resume``; ``False`` = fresh; ``True``/``"auto"`` = latest checkpoint in
-            ``run_dir/checkpoints`` (fresh if there is none); a path = that checkpoint (see :func:`resolve_start`).
-            A fresh run refuses to start in a run directory that already has checkpoints unless
-            ``cfg.overwrite``; it then clears ``checkpoints/``, ``tb/`` and ``metrics.jsonl`` of that run.
-        extra_state: plain data (or a function returning it) stored with every checkpoint as ``extra``.
-        save_model: ``save_model(unwrapped_model, checkpoint_dir)`` adds files to each checkpoint before it is
-            published atomically (e.g. a peft adapter: ``model.save_pretrained(checkpoint_dir / "adapter")``).
-        config: the run's full config (dataclass or dict), stored in each checkpoint.
-        break_on_nonfinite: install :class:`..debug.NonFiniteGuard` hooks (the first NaN/Inf activation,
-            loss or gradient is reported with its module; a debugger stops there).
-        flops_per_token: training FLOPs per token for MFU; default from ``model.flops_per_token`` or 6N for batches
-            with ``input_ids``. Batches without them (images, audio) count examples: pass FLOPs per example for MFU,
-            or nothing (no MFU).
-        progress: show the tqdm bar (rank 0 only).
-        throughput_unit: what the throughput counts, for the log line and the bar (``tok``; ``ex`` for examples).
-
-    Raises:
-        NonFiniteLossError / ``debug.NonFiniteError``: a NaN/Inf loss or gradient. Its update was skipped on the
-            device (see :func:`.step.train_step`); the error comes at the next read (log, eval or checkpoint step),
-            before any checkpoint is written, so the latest checkpoint stays a good one.
-        ConfigError: fresh start in a run directory with checkpoints, or a resume path without a checkpoint.
+    ``model`` is on its device, maybe DDP-wrapped and/or compiled, and returns ``.loss``; only trainable parameters
+    are optimized and checkpointed, into ``run_dir`` (with ``tb/`` and ``metrics.jsonl``). ``setup``: what runtime.py
+    set up (:class:`RunSetup`; default a fresh fp32 run), ``job``: the entry point's additions (:class:`Job`). A
+    NaN/Inf loss or gradient skips its update and raises :class:`.step.NonFiniteError` at the next read of the
+    device, before any checkpoint.
     """
-    from ..debug import NonFiniteGuard
-
-    optim, run_dir, raw = optim or OptimConfig(), Path(run_dir), unwrap(model)
+    optim, setup, job = optim or OptimConfig(), setup or RunSetup(), job or Job()
+    run_dir, raw = Path(run_dir), unwrap(model)
     device = next(raw.parameters()).device
     optimizer = build_optimizer(raw, optim)
     scheduler = build_scheduler(optimizer, optim, cfg.max_steps)
-    start_step = restore(run_dir, cfg, resume, raw, optimizer, scheduler, train_source)
-    dtype = resolve_precision(device, cfg.precision)
-    autocast = autocast_context(device, dtype)
-    steps = StepLog(flops_per_token, peak_flops(device, dtype, cfg.peak_tflops)[0] * get_world_size())
-    config_dict = config_to_dict(config) if config is not None else None
+    start = restore(setup.resume_from, run_dir, cfg, raw, optimizer, scheduler, train_source)
+    steps = StepLog(job.flops_per_item, peak_flops(device, setup.dtype, cfg.peak_tflops)[0] * get_world_size())
     logger = RunLogger(
-        run_dir, cfg, start_step, main=get_rank() == 0, progress=progress, config=config_dict, unit=throughput_unit
+        run_dir, cfg, start, main=get_rank() == 0, progress=True, config=config_to_dict(job.config), unit=job.unit
     )
-    health = GradHealth(raw, cfg.log_every if cfg.grad_stats_every is None else cfg.grad_stats_every)
-    ckpt_root, checkpoint_kwargs = run_dir / "checkpoints", {"extra_state": extra_state, "save_model": save_model}
-    checkpoint_kwargs["config"] = config_dict
+    health = GradHealth(raw, optimizer, cfg.log_every if cfg.grad_stats else 0)
     compiling = is_compiled(model)  # its first step compiles the model: logged as such, not as throughput
     anomaly = torch.autograd.detect_anomaly(check_nan=True) if cfg.detect_anomaly else contextlib.nullcontext()
-    if start_step >= cfg.max_steps:
-        _notice(f"already at step {start_step} of train.max_steps={cfg.max_steps}: nothing to train")
     history: list[dict] = []
-    try:
-        with NonFiniteGuard(raw, enabled=break_on_nonfinite) as guard, anomaly:
-            for step in range(start_step + 1, cfg.max_steps + 1):  # 1-based: step-000001 = after one update
-                guard.step, last = step, step == cfg.max_steps
-                batches = [to_device(train_source.next_batch(), device) for _ in range(cfg.grad_accum)]
-                if steps.fpt is None and "input_ids" in batches[0]:
-                    steps.fpt = _flops_per_token(raw, batches[0]["input_ids"].shape[-1])
-                result = train_step(
-                    model,
-                    batches,
-                    optimizer,
-                    scheduler,
-                    grad_clip=cfg.grad_clip,
-                    autocast=autocast,
-                    step=step,
-                    check_loss=guard.check_loss,
-                    on_gradients=health.capture_gradients if health.due(step, last) else None,
-                )
-                health.capture_update(step)  # a no-op unless this step's gradients were captured
-                steps.add(step, result)
-                logger.advance()
-                log_due, save_due = _due(step, cfg.log_every, last), _due(step, cfg.save_every, last)
-                eval_due = (evaluate is not None or sample is not None) and _due(step, cfg.eval_every, last)
-                if not (compiling or log_due or eval_due or save_due or health.pending):
-                    continue  # nothing to show yet: the device keeps running ahead
-                records = steps.read(compiling=compiling)
-                if steps.failed is None and (log_due or compiling):
-                    logger.train_line(records[-1])
-                if steps.failed is None and health.pending:
-                    logger.grad_health(*health.read())
-                if steps.failed is None and eval_due:
-                    evals, texts = run_eval(raw, autocast, evaluate, sample)
-                    records[-1].update(evals)
-                    logger.eval_lines(step, records[-1], texts)
-                logger.append_metrics(records)
-                history.extend(records)
-                steps.raise_if_failed()  # before any checkpoint: the skipped step ends the run
-                if save_due:
-                    save_state(ckpt_root, step, raw, optimizer, scheduler, train_source, cfg, **checkpoint_kwargs)
-                compiling = False
-                steps.restart()  # evaluation and checkpoint time is not training time
-    finally:
-        logger.close()
+    with contextlib.closing(logger), NonFiniteGuard(raw, enabled=setup.break_on_nonfinite) as guard, anomaly:
+        for step in range(start + 1, cfg.max_steps + 1):  # 1-based: step-000001 = after one update
+            guard.step, last = step, step == cfg.max_steps
+            batches = [to_device(train_source.next_batch(), device) for _ in range(cfg.grad_accum)]
+            steps.fpt = steps.fpt or _flops_per_token(raw, batches[0])
+            result = train_step(
+                model,
+                batches,
+                optimizer,
+                scheduler,
+                grad_clip=cfg.grad_clip,
+                autocast=setup.autocast,
+                step=step,
+                check_loss=guard.check_loss,
+                on_gradients=health.capture_gradients if health.due(step, last) else None,
+            )
+            health.capture_update(step)  # a no-op unless this step's gradients were captured
+            steps.add(step, result)
+            logger.advance()
+            log_due = compiling or _due(step, cfg.log_every, last)
+            eval_due = job.evaluates and _due(step, cfg.eval_every, last)
+            save_due = _due(step, cfg.save_every, last)
+            if not (log_due or eval_due or save_due or health.pending):
+                continue  # nothing to show yet: the device keeps running ahead
+            records = steps.read(compiling=compiling)  # up to a skipped (non-finite) step, if any
+            finite = steps.failed is None
+            if finite and log_due:
+                logger.train_line(records[-1])
+            if finite and health.pending:
+                logger.grad_health(*health.read())
+            if finite and eval_due:
+                evals, texts = run_eval(raw, setup.autocast, job.evaluate, job.sample)
+                records[-1].update(evals)
+                logger.eval_lines(step, records[-1], texts)
+            logger.append_metrics(records)
+            history.extend(records)
+            steps.raise_if_failed()  # before any checkpoint: the skipped step ends the run
+            if save_due:
+                save_state(run_dir, step, raw, optimizer, scheduler, train_source, cfg, job)
+            compiling = False
+            steps.restart()  # evaluation and checkpoint time is not training time
     return history

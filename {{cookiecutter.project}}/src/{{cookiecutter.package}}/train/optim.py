@@ -37,19 +37,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters of ``model``; call after ``model.to(device)`` (before or after DDP).
 
-    ``fused=True`` by default (``cfg.fused`` None): one kernel updates every parameter, on CUDA and on CPU (torch >=
-    2.4; 4-5x faster than ``foreach`` on a CPU), and it accepts ``found_inf``, which is how ``train_step`` skips a
+    The fused kernel by default (``cfg.fused`` auto): one kernel updates every parameter, on CUDA and on CPU (torch
+    >= 2.4; 4-5x faster than ``foreach`` on a CPU), and it accepts ``found_inf``, which is how ``train_step`` skips a
     non-finite update without waiting for the device. Where torch has no fused kernel for the parameters' device or
-    dtype, ``foreach`` is used with a one-line notice.
+    dtype, ``foreach`` is used with a one-line notice (``always``: the error instead; ``never``: ``foreach``).
     """
     groups = param_groups(model, cfg.weight_decay)
     kwargs = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps}
-    if cfg.fused is False:
+    if cfg.fused == "never":
         return torch.optim.AdamW(groups, foreach=True, **kwargs)
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except RuntimeError as err:  # "`fused=True` requires all the params to be ... of supported devices"
-        if cfg.fused:
+        if cfg.fused == "always":
             raise
         device = groups[0]["params"][0].device
         print(f"notice: no fused AdamW for these parameters on {device} ({err}): using foreach", file=sys.stderr)
