@@ -44,7 +44,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -282,22 +282,19 @@ def current_user() -> HostUser:
     return HostUser(me.pw_name, me.pw_uid, me.pw_gid)
 
 
-@contextlib.contextmanager
-def host_user(uid: int, name: str) -> Iterator[HostUser]:
-    """The host account with this UID (the CLI asks `id -un`): an existing one, or one made here and removed after."""
-    made = False
+def host_account(uid: int, name: str, made: list[str]) -> HostUser:
+    """The host account with this UID (the CLI asks `id -un`): an existing one, or one made here (its name goes into
+    ``made``, to be removed once its containers are gone: their processes keep the account in use until then)."""
     try:
         entry = pwd.getpwuid(uid)
     except KeyError:
         command(
             ["useradd", "--uid", str(uid), "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin", name]
         )
-        entry, made = pwd.getpwuid(uid), True
-    try:
-        yield HostUser(entry.pw_name, entry.pw_uid, entry.pw_gid)
-    finally:
-        if made:
-            command(["userdel", name], check=False)
+        entry = pwd.getpwuid(uid)
+    if entry.pw_name == name:  # ours, made now or left by an interrupted run
+        made.append(name)
+    return HostUser(entry.pw_name, entry.pw_uid, entry.pw_gid)
 
 
 @dataclass
@@ -343,13 +340,14 @@ def start(case: str, owner: HostUser, cli: list[str], wheels: Path) -> Run:
     return Run(case, workspace, override, outcome["containerId"], owner)
 
 
-def start_as_another_user(case: str, uid: int, cli: list[str], wheels: Path) -> Run:
+def start_case(case: str, uid: int | None, accounts: list[str], cli: list[str], wheels: Path) -> Run:
+    """Start ``case`` as the host user with ``uid`` (None: the user running the tests; 0: root)."""
+    if uid is None:
+        return start(case, current_user(), cli, wheels)
     if not IS_ROOT:
         pytest.skip(f"starting the container as another host user ({case}) needs root")
-    if uid == 0:
-        return start(case, current_user(), cli, wheels)
-    with host_user(uid, f"llmlab-{case}") as user:
-        return start(case, user, cli, wheels)
+    owner = current_user() if uid == 0 else host_account(uid, f"llmlab-{case}", accounts)
+    return start(case, owner, cli, wheels)
 
 
 @pytest.fixture(scope="module")
@@ -357,25 +355,21 @@ def runs(base_images, cli, torch_wheel) -> Iterator[dict[str, Future]]:
     """The three cases. The main one (host UID = the container user's 1000, nothing to map; the user running the
     tests when that is not root) starts first; then, in the background while its checks go on, a host user with
     another UID and root with a root-owned workspace, one after the other (their UID layers and installs overlap
-    the main run's work instead of adding to it). At the end the containers go; images and named volumes stay."""
+    the main run's work instead of adding to it). At the end the containers go, then the host accounts made for
+    them; images and named volumes stay."""
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="devcontainer-up")
-    futures: dict[str, Future] = {}
+    cases = {"main": DEV_UID if IS_ROOT else None, "mapped": MAPPED_UID, "root": 0}
+    accounts: list[str] = []
     try:
-        if IS_ROOT:
-            with host_user(DEV_UID, "llmlab-main") as user:
-                futures["main"] = pool.submit(start, "main", user, cli, torch_wheel)
-                wait([futures["main"]])
-        else:
-            futures["main"] = pool.submit(start, "main", current_user(), cli, torch_wheel)
-        for case, uid in (("mapped", MAPPED_UID), ("root", 0)):
-            futures[case] = pool.submit(start_as_another_user, case, uid, cli, torch_wheel)
-        yield futures
+        yield {case: pool.submit(start_case, case, uid, accounts, cli, torch_wheel) for case, uid in cases.items()}
     finally:
         pool.shutdown(wait=True)  # a run still starting finishes before its container goes
-        for case in futures:
+        for case in cases:
             label = f"label=devcontainer.local_folder={CACHE / 'workspaces' / case / DEFAULT_PROJECT}"
             for container in command(["docker", "ps", "-aq", "--filter", label], check=False).stdout.split():
                 command(["docker", "rm", "-f", container], check=False)
+        for name in accounts:
+            command(["userdel", name])
 
 
 @pytest.fixture(scope="module")
