@@ -245,6 +245,7 @@ def pycharm_command(cfg: PyCharmConfig, project: Path, python: str = sys.executa
 RUN_ORDER = [
     "Pretrain (debug profile)",
     "Pretrain",
+    "Tune (debug study)",
     "Fine-tune SFT",
     "Fine-tune classify",
     "Vision (digits ResNet)",

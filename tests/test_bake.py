@@ -48,6 +48,9 @@ PACKAGE_MODULES = [
     "pretrain.py",
     "finetune.py",
     "generate.py",
+    "tune.py",
+    "tune_space.py",
+    "tune_report.py",
     "bench.py",
     "bench_timing.py",
     "model/attention.py",
@@ -64,6 +67,7 @@ PACKAGE_MODULES = [
     "train/step.py",
     "train/loop.py",
     "train/checkpoint.py",
+    "train/stopping.py",
     "train/optim.py",
     "train/distributed.py",
 ]

@@ -42,6 +42,7 @@ INSTALL = 'python -m pip install -e ".[dev]"'
 ENTRY_POINTS = {
     "Pretrain": (".pretrain", ["--config", "configs/pretrain.yaml"]),
     "Pretrain (debug profile)": (".pretrain", ["--config", "configs/pretrain.yaml", "--debug"]),
+    "Tune (debug study)": (".tune", ["--space", "configs/tune/pretrain.yaml", "--debug"]),
     "Fine-tune SFT": (".finetune", ["--config", "configs/finetune-sft.yaml"]),
     "Fine-tune classify": (".finetune", ["--config", "configs/finetune-classify.yaml"]),
     "Generate": (".generate", ["--prompt", "MACBETH."]),
@@ -60,6 +61,7 @@ FAST_ARGS = {
     # a small validation split: the final evaluation otherwise dominates a 2-step run
     ".finetune": ["--debug", "--train.max_steps", "1", "--data.val_fraction", "0.02"],
     ".generate": ["--debug", "--max_new_tokens", "8"],
+    ".tune": ["--debug", "--trials", "1"],  # one trial of the debug profile
     ".vision": ["--debug", "--train.max_steps", "1"],
     ".speech": ["--debug", "--train.max_steps", "1"],
     # only tests/test_debug.py is collected (importing every test module is most of a short run)

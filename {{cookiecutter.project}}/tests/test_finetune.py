@@ -17,7 +17,14 @@ from sklearn import metrics as skm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from {{ cookiecutter.package }} import finetune
-from {{ cookiecutter.package }}.config import LoraSettings, OptimConfig, SampleConfig, TrainConfig, parse_config
+from {{ cookiecutter.package }}.config import (
+    EarlyStoppingConfig,
+    LoraSettings,
+    OptimConfig,
+    SampleConfig,
+    TrainConfig,
+    parse_config,
+)
 from {{ cookiecutter.package }}.config.finetune import FinetuneConfig, FinetuneDataConfig
 from {{ cookiecutter.package }}.config.generate import GenerateConfig
 from {{ cookiecutter.package }}.data import sft as sft_data
@@ -322,3 +329,20 @@ def test_attached_debugger_trains_without_workers(tmp_path, ft_hf_dir, sft_file,
     finetune.run(cfg)
     assert seen == [0]
     assert "debugger attached: num_workers 2 -> 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["sft", "classify"])
+def test_finetune_evaluates_and_saves_the_best_adapter(tmp_path, ft_hf_dir, sft_file, classify_file, task):
+    stopping = EarlyStoppingConfig(enabled=True, patience=1, min_delta=1e9)
+    train = {"max_steps": 6, "eval_every": 2, "eval_batches": 1, "early_stopping": stopping}
+    cfg = _cfg(task, ft_hf_dir, sft_file if task == "sft" else classify_file, tmp_path / "runs", train=train)
+    result = finetune.run(cfg)
+    run_dir = tmp_path / "runs" / task
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_loss" in r] == [2, 4]  # stopped at the second evaluation
+    assert result["weights"] == "of the best checkpoint, step 2 (early stopping)"
+    step2 = next(r for r in records if r["step"] == 2)
+    assert result["eval"]["loss"] == pytest.approx(step2["eval_loss"], abs=1e-6)  # the whole set, both times
+    saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    best = load_file(run_dir / "checkpoints" / "step-000002" / "adapter" / "adapter_model.safetensors")
+    assert saved.keys() == best.keys() and all(torch.equal(saved[k], best[k]) for k in saved)

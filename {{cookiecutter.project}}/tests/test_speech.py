@@ -186,3 +186,20 @@ def test_shipped_recipe_hears_new_voices(tmp_path):
     main(["--config", recipe, "--out_dir", str(tmp_path), "--train.max_steps", "400", *FAST[:4]])
     result = json.loads((tmp_path / "speech" / "metrics.json").read_text())
     assert result["eval"]["accuracy"] >= 0.85 and result["eval_noisy"]["accuracy"] >= 0.85
+
+
+def test_early_stopping_ends_with_the_best_checkpoint_and_scores_it(tmp_path):
+    """The first evaluation is the best and no later one beats it by 1e9: the run stops at the second, and the final
+    validation score is the first evaluation's (the whole validation set both times, the same weights)."""
+    stop = ["--train.early_stopping.enabled", "true", "--train.early_stopping.patience", "1",
+            "--train.early_stopping.min_delta", "1e9", "--train.eval_every", "3"]  # fmt: skip
+    main(["--debug", *FAST, *stop, "--out_dir", str(tmp_path)])
+    run_dir = tmp_path / "speech-debug"
+    result = json.loads((run_dir / "metrics.json").read_text())
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [3, 6] and result["steps"] == 6
+    assert result["weights"] == "of the best checkpoint, step 3 (early stopping)"
+    assert result["val"]["accuracy"] == evals[0]["eval_accuracy"]
+    assert result["val"]["loss"] == pytest.approx(evals[0]["eval_loss"], abs=1e-6)
+    assert (run_dir / "checkpoints" / "best").read_text().strip() == "step-000003"

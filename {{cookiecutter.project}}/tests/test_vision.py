@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 import struct
 import subprocess
 import sys
@@ -359,3 +360,42 @@ def test_unreachable_hub_id_fails_with_one_line_naming_the_download(monkeypatch)
         load_backbone("no-such-org/resnet-x", ["a", "b"])
     assert "\n" not in str(err.value)
     assert ALIASES["resnet18"] == "microsoft/resnet-18" and ALIASES["resnet50"] == "microsoft/resnet-50"
+
+
+def test_early_stopping_ends_with_the_best_checkpoint_and_exports_it(tmp_path):
+    """The first evaluation is the best and no later one beats it by 1e9: the run stops at the second; the final
+    validation score and model.safetensors are the first evaluation's checkpoint."""
+    stop = ["--train.early_stopping.enabled", "true", "--train.early_stopping.patience", "1",
+            "--train.early_stopping.min_delta", "1e9", "--train.eval_every", "4"]  # fmt: skip
+    cfg, dbg = parse_config(VisionConfig, ["--debug", "--out_dir", str(tmp_path), *stop])
+    result = vision.run(cfg, dbg)
+    run_dir = tmp_path / cfg.name
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [4, 8] and result["steps"] == 8
+    assert result["weights"] == "of the best checkpoint, step 4 (early stopping)"
+    assert result["val"]["accuracy"] == evals[0]["eval_accuracy"]
+    assert result["val"]["loss"] == pytest.approx(evals[0]["eval_loss"], abs=1e-6)
+    saved = load_file(run_dir / vision.MODEL_FILE)
+    best = load_file(run_dir / "checkpoints" / "step-000004" / "model.safetensors")
+    assert saved.keys() == best.keys() and all(torch.equal(saved[k], best[k]) for k in saved)
+
+
+@pytest.mark.slow
+def test_tune_debug_study_of_two_trials(tmp_path, monkeypatch):
+    from {{ cookiecutter.package }} import tune
+
+    shutil.copytree(CONFIGS, tmp_path / "configs")  # the space names its recipe relative to the working directory
+    monkeypatch.chdir(tmp_path)
+    study = tune.run(*parse_config(tune.TuneConfig, ["--space", "configs/tune/vision.yaml", "--debug"]))
+    assert len(study.trials) == 2 and all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
+    study_dir = tmp_path / "runs" / "tune-vision-debug"
+    best, _ = parse_config(VisionConfig, ["--config", str(study_dir / "best.yaml")])
+    params = study.best_params
+    assert (best.optim.lr, best.train.batch_size) == (params["optim.lr"], params["train.batch_size"])
+    assert best.train.early_stopping.enabled and best.train.early_stopping.metric == "accuracy"
+    for t in study.trials:  # normal runs: the trial's values in its config.yaml, its own TensorBoard
+        run_dir = study_dir / "trials" / t.user_attrs["run"]
+        cfg, _ = parse_config(VisionConfig, ["--config", str(run_dir / "config.yaml")])
+        assert cfg.optim.weight_decay == t.params["optim.weight_decay"] and (run_dir / "tb").is_dir()
+    assert {p.name for p in (study_dir / "plots").glob("*.png")} >= {"history.png", "parallel.png"}

@@ -52,7 +52,7 @@ from .lora import (
     pretrain_export_dir,
     save_stop_ids,
 )
-from .metrics import TokenLossMeter, perplexity, scalar_metrics
+from .metrics import CLASSIFIER_METRICS, LOSS_METRICS, TokenLossMeter, perplexity, scalar_metrics
 from .model.transformer import ClassifierOutput
 from .runtime import RunContext, check_resume_labels, training_run
 from .train.distributed import barrier, resolve_device, unwrap, wrap_ddp
@@ -218,6 +218,11 @@ def evaluate_classify(
     return evaluate_classifier(model, val_batches, data.labels, device, max_batches)
 
 
+def reported_metrics(cfg: FinetuneConfig) -> tuple[str, ...]:
+    """What every evaluation reports (train.early_stopping.metric and tune's objective name one)."""
+    return LOSS_METRICS if cfg.task == "sft" else CLASSIFIER_METRICS
+
+
 def make_sft_sampler(tokenizer: Any, cfg: FinetuneConfig, device: torch.device):
     """sample(model) -> completions of cfg.sample.prompts rendered with the SFT template (fork_rng: the training
     random stream is not touched by sampling)."""
@@ -267,8 +272,8 @@ def run(cfg: FinetuneConfig, dbg: DebugConfig | None = None) -> dict:
         evaluate_fn = evaluate_sft if cfg.task == "sft" else evaluate_classify
         bs = cfg.train.batch_size
 
-        def evaluate(m: nn.Module) -> dict[str, float]:  # every train.eval_every steps, on train.eval_batches
-            return scalar_metrics(evaluate_fn(m, data, bs, info.device, cfg.train.eval_batches))
+        def evaluate(m: nn.Module, limit: int | None = cfg.train.eval_batches) -> dict[str, float]:
+            return scalar_metrics(evaluate_fn(m, data, bs, info.device, limit))  # on train.eval_batches by default
 
         # An attached debugger would not stop in worker processes: effective_num_workers drops them to 0 with a notice.
         workers = effective_num_workers(cfg.data.num_workers)
@@ -284,6 +289,8 @@ def run(cfg: FinetuneConfig, dbg: DebugConfig | None = None) -> dict:
             setup=run.setup,
             job=Job(
                 evaluate=evaluate if data.val else None,
+                validate=(lambda m: evaluate(m, None)) if data.val else None,
+                metrics=reported_metrics(cfg),
                 sample=make_sft_sampler(tokenizer, cfg, info.device) if cfg.task == "sft" else None,
                 config=cfg,
                 extra_state={"labels": labels, "task": cfg.task, "base_model": base},

@@ -117,9 +117,14 @@ def format_confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[st
     return "\n".join(lines)
 
 
+# The numbers each kind of evaluation reports at every evaluation (what train.early_stopping.metric may name)
+LOSS_METRICS = ("loss", "perplexity")  # language models: mean loss and its perplexity
+CLASSIFIER_METRICS = ("loss", "accuracy", "macro_precision", "macro_recall", "macro_f1")
+
+
 def scalar_metrics(metrics: dict) -> dict[str, float]:
     """The numbers fit() logs every evaluation (it averages them over ranks)."""
-    keys = ("loss", "perplexity", "accuracy", "macro_precision", "macro_recall", "macro_f1")
+    keys = dict.fromkeys(LOSS_METRICS + CLASSIFIER_METRICS)
     return {k: float(metrics[k]) for k in keys if k in metrics}
 
 
@@ -130,6 +135,8 @@ def summary_line(result: dict, run_dir: Path) -> str:
     parts = [f"done: step {result['steps']}"]
     if result.get("train_loss") is not None:
         parts.append(f"train loss {result['train_loss']:.4f}")
+    if result.get("weights"):  # early stopping: which weights the final evaluation used
+        parts.append(f"weights {result['weights']}")
     for key in ("loss", "perplexity", "accuracy", "macro_f1"):
         if key in ev:
             parts.append(f"eval {key} {ev[key]:.4f}")

@@ -22,8 +22,10 @@ import torch
 from .cli import run_cli
 from .config import ConfigError, DebugConfig, SampleConfig
 from .config.pretrain import PretrainConfig
+from .metrics import LOSS_METRICS
 from .runtime import training_run
 from .train.distributed import barrier, unwrap
+from .train.logger import history_result
 from .train.loop import Job, evaluate_loss, fit
 
 
@@ -49,6 +51,11 @@ def make_sampler(tokenizer: Any, cfg: SampleConfig, device: torch.device, seed: 
         return texts
 
     return sample
+
+
+def reported_metrics(cfg: PretrainConfig) -> tuple[str, ...]:
+    """What every evaluation reports (train.early_stopping.metric and tune's objective name one)."""
+    return LOSS_METRICS
 
 
 def prepare_data(cfg: PretrainConfig, is_main: bool):
@@ -81,6 +88,16 @@ def prepare_data(cfg: PretrainConfig, is_main: bool):
     return corpus
 
 
+def done_line(history: list[dict], run_dir) -> str:
+    """The closing line: steps, the last training loss, and the evaluation of the weights the run ends with (the
+    best checkpoint's with early stopping, which the line then names)."""
+    last, weights = history[-1], history_result(history).get("weights")
+    final = next(r for r in history if r["step"] == last.get("weights_step", last["step"]))
+    evals = "".join(f"  eval {k[5:]} {final[k]:.4f}" for k in ("eval_loss", "eval_perplexity") if k in final)
+    weights = f"  weights {weights}" if weights else ""
+    return f"done: step {last['step']}  train loss {last['loss']:.4f}{evals}{weights}  run dir {run_dir}"
+
+
 def run(cfg: PretrainConfig, dbg: DebugConfig | None = None) -> list[dict]:
     """Pre-train as configured; returns fit()'s per-step metrics. Raises ConfigError for bad input."""
     from .data.corpus import EvalWindows, TokenWindows
@@ -109,6 +126,7 @@ def run(cfg: PretrainConfig, dbg: DebugConfig | None = None) -> list[dict]:
                 corpus.train, batch, seq_len, mode=cfg.data.sampling, seed=cfg.train.seed, **rank_args
             )
             val_windows = EvalWindows(corpus.val, batch, seq_len, cfg.train.eval_batches, **rank_args)
+            val_all = EvalWindows(corpus.val, batch, seq_len, None, **rank_args)  # the whole split, once
         except ValueError as err:
             raise ConfigError(f"data: {err}") from err
 
@@ -121,6 +139,8 @@ def run(cfg: PretrainConfig, dbg: DebugConfig | None = None) -> list[dict]:
             setup=run.setup,
             job=Job(
                 evaluate=lambda m: evaluate_loss(m, val_windows, info.device),
+                validate=lambda m: evaluate_loss(m, val_all, info.device),
+                metrics=reported_metrics(cfg),
                 sample=make_sampler(corpus.tokenizer, cfg.sample, info.device, cfg.train.seed),
                 config=cfg,
             ),
@@ -133,9 +153,7 @@ def run(cfg: PretrainConfig, dbg: DebugConfig | None = None) -> list[dict]:
                 out = export_hf(unwrap(model), run_dir / "hf", corpus.tokenizer)
                 print(f"exported transformers model to {out}", flush=True)
             if history:
-                last = history[-1]
-                evals = "".join(f"  eval {k[5:]} {last[k]:.4f}" for k in ("eval_loss", "eval_perplexity") if k in last)
-                print(f"done: step {last['step']}  train loss {last['loss']:.4f}{evals}  run dir {run_dir}")
+                print(done_line(history, run_dir), flush=True)
         barrier()
         return history
 

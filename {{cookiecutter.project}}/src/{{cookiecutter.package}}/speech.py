@@ -35,7 +35,7 @@ from .config.speech import SpeechConfig
 from .data.batches import ExampleBatches, iter_batches
 from .data.classify import LabelMap
 from .data.speech import SpeechData, load_speech, speech_collate
-from .metrics import scalar_metrics
+from .metrics import CLASSIFIER_METRICS, scalar_metrics
 from .runtime import check_resume_labels, training_run
 from .train.distributed import barrier, unwrap
 from .train.logger import history_result, report_final
@@ -67,6 +67,11 @@ def make_augment(cfg: SpeechConfig, model: nn.Module, data: SpeechData):
         return None
     frames = model.log_mel.frames(cfg.data.clip_samples)
     return SpeechAugment(cfg.augment, cfg.data.sample_rate, frames, cfg.features.n_mels, data.noise)
+
+
+def reported_metrics(cfg: SpeechConfig) -> tuple[str, ...]:
+    """What every evaluation reports (train.early_stopping.metric and tune's objective name one)."""
+    return CLASSIFIER_METRICS
 
 
 def with_noise(batches: Iterator[dict[str, Tensor]], snr_db: float, seed: int) -> Iterator[dict[str, Tensor]]:
@@ -122,6 +127,10 @@ def run(cfg: SpeechConfig, dbg: DebugConfig | None = None) -> dict:
             num_workers=effective_num_workers(cfg.data.num_workers),
             augment=augment,
         )
+
+        def evaluate_val(m: nn.Module, limit: int | None = cfg.train.eval_batches) -> dict[str, float]:
+            return scalar_metrics(evaluate(m, data.val, cfg, data.labels, info.device, limit))
+
         history = fit(
             model,
             source,
@@ -130,9 +139,9 @@ def run(cfg: SpeechConfig, dbg: DebugConfig | None = None) -> dict:
             optim=cfg.optim,
             setup=run.setup,
             job=Job(
-                evaluate=lambda m: scalar_metrics(
-                    evaluate(m, data.val, cfg, data.labels, info.device, cfg.train.eval_batches)
-                ),
+                evaluate=evaluate_val,
+                validate=lambda m: evaluate_val(m, None),
+                metrics=reported_metrics(cfg),
                 config=cfg,
                 extra_state={"labels": data.labels},
                 flops_per_item=flops,

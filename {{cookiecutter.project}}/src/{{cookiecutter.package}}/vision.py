@@ -36,7 +36,7 @@ from .data.batches import ExampleBatches, iter_batches
 from .data.classify import LabelMap
 from .data.image_augment import describe, make_augment
 from .lora import count_parameters
-from .metrics import scalar_metrics
+from .metrics import CLASSIFIER_METRICS, scalar_metrics
 from .runtime import RunContext, check_resume_labels, training_run
 from .train.distributed import barrier, resolve_device, unwrap
 from .train.logger import history_result, report_final
@@ -76,6 +76,11 @@ def build_model(cfg: VisionConfig, splits: images.Splits) -> nn.Module:
 
     backbone = prepare_tuning(load_backbone(cfg.base_model, names), cfg.tune, cfg.lora)
     return PretrainedImageClassifier(backbone, cfg.base_input_size, frozen_norm=cfg.tune != "full")
+
+
+def reported_metrics(cfg: VisionConfig) -> tuple[str, ...]:
+    """What every evaluation reports (train.early_stopping.metric and tune's objective name one)."""
+    return CLASSIFIER_METRICS
 
 
 def flops_per_example(model: nn.Module, size: tuple[int, int]) -> float | None:
@@ -154,9 +159,9 @@ def train(cfg: VisionConfig, run: RunContext, splits: images.Splits) -> tuple[nn
     )
     val = images.as_examples(splits.val)
 
-    def evaluate(m: nn.Module) -> dict[str, float]:  # every train.eval_every steps, on train.eval_batches
-        batches = iter_batches(val, bs, images.image_collate)
-        return scalar_metrics(evaluate_classifier(m, batches, names, info.device, cfg.train.eval_batches))
+    def evaluate(m: nn.Module, limit: int | None = cfg.train.eval_batches) -> dict[str, float]:
+        batches = iter_batches(val, bs, images.image_collate)  # every train.eval_every steps, on train.eval_batches
+        return scalar_metrics(evaluate_classifier(m, batches, names, info.device, limit))
 
     history = fit(
         model,
@@ -167,6 +172,8 @@ def train(cfg: VisionConfig, run: RunContext, splits: images.Splits) -> tuple[nn
         setup=run.setup,
         job=Job(
             evaluate=evaluate,
+            validate=lambda m: evaluate(m, None),
+            metrics=reported_metrics(cfg),
             config=cfg,
             extra_state={"labels": names},
             flops_per_item=flops_per_example(unwrap(model), splits.train.images.shape[-2:]),  # MFU, per image

@@ -108,6 +108,28 @@ class OptimConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """Early stopping on a validation metric (train/stopping.py). Off by default; when on, every evaluation covers the
+    whole validation set (not ``eval_batches``), each new best is checkpointed and named by ``checkpoints/best``, and
+    the run ends with the best checkpoint's weights: its final metrics and exports come from them."""
+
+    enabled: bool = False
+    metric: str = "loss"  # an evaluation key of the program: loss, perplexity; classifiers also accuracy, macro_f1, ...
+    mode: Literal["min", "max"] | None = None  # None = min for loss and perplexity, max for the other metrics
+    patience: int = 5  # evaluations without an improvement before the run stops
+    min_delta: float = 0.0  # a change smaller than this is no improvement
+    # warn (one line) when the metric has not improved for N evaluations while the training loss fell; 0 = never.
+    # Works with early stopping off too.
+    warn_after: int = 3
+
+    def __post_init__(self) -> None:
+        require(bool(self.metric), "train.early_stopping.metric", self.metric, "an evaluation key, e.g. loss")
+        require(self.patience >= 1, "train.early_stopping.patience", self.patience, ">= 1")
+        require(self.min_delta >= 0, "train.early_stopping.min_delta", self.min_delta, ">= 0")
+        require(self.warn_after >= 0, "train.early_stopping.warn_after", self.warn_after, ">= 0")
+
+
+@dataclass
 class TrainConfig:
     """The training loop: steps, batch, evaluation, checkpoints, precision and reproducibility."""
 
@@ -144,6 +166,7 @@ class TrainConfig:
     # where metrics go besides metrics.jsonl: TensorBoard (run_dir/tb), Weights & Biases (pip install -e ".[wandb]";
     # WANDB_MODE=offline needs no account), both, or none
     logger: Literal["tensorboard", "wandb", "both", "none"] = "tensorboard"
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_batches"):

@@ -1,14 +1,15 @@
-"""Crash-safe, self-verifying checkpoints: save, verify, load, find the latest, prune.
+"""Crash-safe, self-verifying checkpoints: save, verify, load, find the latest (or best), prune.
 
 Layout of ``<run_dir>/checkpoints/``::
 
     step-000100/
         manifest.json       # size and sha256 of every other file (:mod:`.manifest`), written last
         model.safetensors   # weights (only the trainable ones for a partly frozen model such as peft/LoRA)
-        trainer.pt          # optimizer, scheduler, step, RNG states, data position, config, extra state
+        trainer.pt          # optimizer, scheduler, step, RNG and early-stopping states, data position, config, extra
         ...                 # whatever the optional save_model callback writes (e.g. a LoRA adapter)
     step-000200/
     latest                  # text file: "step-000200"
+    best                    # text file, with early stopping: the best checkpoint (:mod:`.stopping`), never pruned
 
 Writing never exposes a partial checkpoint (:func:`staged`): a kill at any moment leaves the previous one published.
 Reading checks the files against the manifest first: a damaged checkpoint raises :class:`DamagedCheckpointError`
@@ -31,13 +32,14 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
-from .manifest import MANIFEST_FILE, find_damage, write_manifest
+from .manifest import MANIFEST_FILE, find_damage, fsync, write_manifest
 from .state import load_model_weights, rng_state, save_model_weights, set_rng_state, to_plain
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 TRAINER_FILE = "trainer.pt"
 LATEST_FILE = "latest"
+BEST_FILE = "best"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 Log = Callable[[str], None] | None
 
@@ -78,24 +80,35 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if is_complete(p)), key=_step_of) if root.is_dir() else []
 
 
+def read_pointer(root: str | Path, pointer: str) -> Path | None:
+    """The complete checkpoint that the text file ``root/<pointer>`` (``latest``, ``best``) names; None when the file
+    is missing, unreadable or names anything else (its files are verified when the checkpoint is read)."""
+    try:
+        candidate = Path(root) / (Path(root) / pointer).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return candidate if candidate.parent == Path(root) and is_complete(candidate) else None
+
+
+def write_pointer(root: Path, pointer: str, name: str) -> None:
+    """Point ``root/<pointer>`` at checkpoint ``name`` atomically: a reader sees the old name or the new one."""
+    tmp = root / (pointer + ".tmp")
+    tmp.write_text(name + "\n", encoding="utf-8")
+    fsync(tmp)
+    os.replace(tmp, root / pointer)
+    fsync(root)
+
+
 def latest_checkpoint(root: str | Path) -> Path | None:
     """The checkpoint named by ``root/latest``, or the newest complete one if that file is missing or stale."""
-    root = Path(root)
-    pointer = root / LATEST_FILE
-    if pointer.is_file():
-        candidate = root / pointer.read_text(encoding="utf-8").strip()
-        if candidate.parent == root and is_complete(candidate):
-            return candidate
     found = list_checkpoints(root)
-    return found[-1] if found else None
+    return read_pointer(root, LATEST_FILE) or (found[-1] if found else None)
 
 
 def newest_intact(root: str | Path, log: Log = None) -> Path | None:
     """The checkpoint ``root/latest`` names if it is intact, else the newest intact one by step; None if none is.
     ``log`` gets one line per damaged checkpoint skipped and a notice when the one taken has no manifest."""
-    candidates = list_checkpoints(root)[::-1]
-    pointed = latest_checkpoint(root)
-    for path in [pointed, *(p for p in candidates if p != pointed)] if pointed else candidates:
+    for path in dict.fromkeys(filter(None, [read_pointer(root, LATEST_FILE), *list_checkpoints(root)[::-1]])):
         if (damage := find_damage(path, log=log)) is None:
             return path
         if log is not None:
@@ -103,21 +116,10 @@ def newest_intact(root: str | Path, log: Log = None) -> Path | None:
     return None
 
 
-def _fsync(path: Path) -> None:
-    # Makes a file's bytes, or a rename inside a directory, durable. Directories cannot be opened on Windows.
-    if path.is_dir() and os.name == "nt":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _publish(tmp: Path, final: Path) -> None:
     for file in (p for p in tmp.rglob("*") if p.is_file()):
-        _fsync(file)
-    _fsync(tmp)
+        fsync(file)
+    fsync(tmp)
     root, name = final.parent, final.name
     if final.exists() and find_damage(final) is not None:
         # A run resumed past a damaged checkpoint reaches its step again: keep the evidence, publish the new one.
@@ -129,12 +131,8 @@ def _publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync(root)
-    pointer = root / (LATEST_FILE + ".tmp")
-    pointer.write_text(name + "\n", encoding="utf-8")
-    _fsync(pointer)
-    os.replace(pointer, root / LATEST_FILE)
-    _fsync(root)
+    fsync(root)
+    write_pointer(root, LATEST_FILE, name)
 
 
 @contextlib.contextmanager
@@ -168,6 +166,7 @@ def save_checkpoint(
     rng: Any = None,
     config: dict | None = None,
     extra: dict | None = None,
+    stopping: dict | None = None,
     save_model: Callable[[nn.Module, Path], None] | None = None,
     trainable_only: bool | None = None,
     keep: int = 0,
@@ -175,7 +174,8 @@ def save_checkpoint(
     """Publish ``root/step-NNNNNN`` atomically (:func:`staged`) and return it; main process only, unwrapped ``model``.
 
     ``data_state``: the batch source position (or a per-rank list); ``rng``: RNG states (default: this process's);
-    ``config``: the run's config as a dict; ``extra``: other plain data (e.g. a label map); ``save_model(model, dir)``
+    ``config``: the run's config as a dict; ``extra``: other plain data (e.g. a label map); ``stopping``: the
+    early-stopping state (:mod:`.stopping`); ``save_model(model, dir)``
     writes more files into it (e.g. a peft adapter); ``trainable_only``: see :func:`.state.model_state`; ``keep``:
     then delete all but the newest ``keep`` intact checkpoints (0 = keep all; :func:`prune`)."""
     trainer = {
@@ -184,7 +184,7 @@ def save_checkpoint(
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "rng": to_plain(rng if rng is not None else rng_state()),
-        **{key: to_plain(value) for key, value in (("data", data_state), ("config", config), ("extra", extra))},
+        **to_plain({"data": data_state, "config": config, "extra": extra, "stopping": stopping}),
     }
     with staged(root, step) as tmp:
         save_model_weights(model, tmp / MODEL_FILE, trainable_only)
@@ -198,12 +198,12 @@ def save_checkpoint(
 
 
 def prune(root: Path, keep: int, final: Path) -> None:
-    """Delete all but ``final`` and the newest ``keep`` intact checkpoints; damaged ones neither count nor go. Older
-    ones are judged by size (hashing every kept one at each save would cost more than the save; loading catches
-    flipped bits), newer ones, left by a run resumed from an older checkpoint (often as they are damaged), by hash."""
-    kept = 0
+    """Delete all but ``final``, the ``best`` one and the newest ``keep`` intact checkpoints; damaged ones neither
+    count nor go. Older ones are judged by size (hashing every kept one at each save would cost more than the save;
+    loading catches flipped bits), newer ones, left by a run resumed from an older checkpoint, by hash."""
+    kept, best = 0, read_pointer(root, BEST_FILE)
     for path in reversed(list_checkpoints(root)):
-        if path != final and find_damage(path, hashes=_step_of(path) > _step_of(final)) is not None:
+        if path == best or (path != final and find_damage(path, hashes=_step_of(path) > _step_of(final))):
             continue
         if path != final and kept >= keep:
             shutil.rmtree(path, ignore_errors=True)

@@ -258,9 +258,13 @@ METRICS_FILE = "metrics.json"
 
 def history_result(history: list[dict]) -> dict:
     """``steps`` and ``train_loss`` of a run's result (:func:`report_final`'s summary line reads them), from fit()'s
-    per-step history; 0 steps and no loss when nothing was trained (a resume at max_steps)."""
+    per-step history; 0 steps and no loss when nothing was trained (a resume at max_steps). With early stopping
+    ``weights`` says which checkpoint the model ends with."""
     last = history[-1] if history else {}
-    return {"steps": last.get("step", 0), "train_loss": last.get("loss")}
+    result = {"steps": last.get("step", 0), "train_loss": last.get("loss")}
+    if "weights_step" in last:
+        result["weights"] = f"of the best checkpoint, step {last['weights_step']} (early stopping)"
+    return result
 
 
 def report_final(run_dir: Path, result: dict, logger: str) -> None:

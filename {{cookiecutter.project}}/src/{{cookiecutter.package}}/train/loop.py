@@ -4,7 +4,8 @@ Every step it draws ``grad_accum`` micro-batches from a :class:`BatchSource` and
 numbers stay on the device. Then plain "if due" blocks: every ``log_every`` steps (and before an evaluation or a
 checkpoint) it reads the steps' numbers in one go (:class:`.logger.StepLog`) and logs them (:class:`.logger.RunLogger`:
 a line, TensorBoard, ``metrics.jsonl``), stopping at a non-finite step; when due, it evaluates and samples
-(:func:`run_eval`) and checkpoints (:func:`save_state`). Resuming is :func:`restore`.
+(:func:`run_eval`), asks :class:`.stopping.Watch` whether to stop, and checkpoints (:func:`save_state`). Resuming is
+:func:`restore`; with early stopping the run ends with the best checkpoint's weights (:func:`.stopping.restore_best`).
 
 The entry point builds the model and the data and passes plain functions in (:class:`Job`: ``evaluate``, ``sample``,
 ``save_model``); what a job sets up once (seeds, precision, compilation, the resume point) is ``runtime.py``'s, which
@@ -44,6 +45,7 @@ from .logger import RunLogger, StepLog
 from .optim import build_optimizer, build_scheduler
 from .state import rng_state
 from .step import train_step
+from .stopping import Verdict, Watch, check_metric, restore_best, tell_listeners
 
 # --------------------------------------------------------------------------------------------------------------------
 # What fit() takes: the data, the run's set-up, the entry point's additions
@@ -78,6 +80,9 @@ class Job:
     # evaluate(model) -> {"loss": ..., ...}: every cfg.eval_every steps and at the end, on every rank (averaged), with
     # the unwrapped model in eval mode under no_grad and autocast; logged as eval/<key> (see evaluate_loss)
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None
+    # the same on the whole validation set (not cfg.eval_batches): every evaluation's when early stopping is on
+    validate: Callable[[nn.Module], dict[str, float]] | None = None
+    metrics: tuple[str, ...] = ()  # the keys evaluate reports, checked against cfg.early_stopping.metric up front
     sample: Callable[[nn.Module], str | list[str]] | None = None  # with evaluate, rank 0: text(s) printed and logged
     config: Any = None  # the run's full config (dataclass or dict): stored in every checkpoint, sent to W&B
     extra_state: dict | Callable[[], dict] | None = None  # plain data (or a function returning it), kept as "extra"
@@ -169,10 +174,11 @@ def _due(step: int, every: int, last: bool) -> bool:
 
 
 def restore(
-    resume_from: Path | None, run_dir: Path, cfg: TrainConfig, model: nn.Module, optimizer, scheduler, source
+    resume_from: Path | None, run_dir: Path, cfg: TrainConfig, model: nn.Module, optimizer, scheduler, source, watch
 ) -> int:
     """Resume set-up: load the checkpoint ``resume_from`` (resolved and verified before fit, see
-    ``runtime.resolve_start``) into the model, optimizer, scheduler, RNG and data source and return its step; or,
+    ``runtime.resolve_start``) into the model, optimizer, scheduler, RNG, data source and early-stopping
+    :class:`.stopping.Watch` and return its step; or,
     for a fresh run, clear the run directory's old TensorBoard logs (and its checkpoints with ``cfg.overwrite``;
     rank 0: a fresh run owns its directory) and return 0."""
     if resume_from is None:
@@ -194,19 +200,22 @@ def restore(
         data = data[rank % len(data)]
     if data is not None:
         source.load_state_dict(data)
+    watch.load_state_dict(state.get("stopping"))
     step = int(state["step"])
     notice(f"resumed from {resume_from} at step {step}")
-    if step >= cfg.max_steps:
-        notice(f"already at step {step} of train.max_steps={cfg.max_steps}: nothing to train")
+    if step >= cfg.max_steps or watch.stopped:
+        notice(f"already at step {step} of train.max_steps={cfg.max_steps} or stopped early: nothing to train")
     return step
 
 
 def save_state(
-    run_dir: Path, step: int, model: nn.Module, optimizer, scheduler, source: BatchSource, cfg: TrainConfig, job: Job
-) -> Path | None:
-    """Checkpoint after ``step``: every rank contributes its data position and RNG state, rank 0 writes (atomically)
-    and returns the path; the others return None. The weights are finite: :func:`fit` has read every step's
-    ``finite`` flag before it saves, and a non-finite step never updated them."""
+    run_dir: Path, step: int, model: nn.Module, optimizer, scheduler, source: BatchSource, cfg: TrainConfig, job: Job,
+    watch: Watch,
+) -> Path | None:  # fmt: skip
+    """Checkpoint after ``step``: every rank contributes its data position and RNG state, rank 0 writes (atomically;
+    ``checkpoints/best`` names it when it is the best) and returns the path; the others return None. The weights are
+    finite: :func:`fit` has read every step's ``finite`` flag before it saves, and a non-finite step never updated
+    them."""
     world = get_world_size()
     per_rank = all_gather_object({"data": source.state_dict(), "rng": rng_state()})
     path = None
@@ -221,10 +230,13 @@ def save_state(
             rng=[r["rng"] for r in per_rank] if world > 1 else per_rank[0]["rng"],
             config=config_to_dict(job.config),
             extra=job.extra_state() if callable(job.extra_state) else job.extra_state,
+            stopping=watch.state_dict(),
             save_model=job.save_model,
             keep=cfg.keep_checkpoints,
         )
-        notice(f"checkpoint {path}")
+        if watch.enabled and watch.best_step == step:
+            ckpt.write_pointer(path.parent, ckpt.BEST_FILE, path.name)
+        notice(f"checkpoint {path}" + (" (the best so far)" if watch.enabled and watch.best_step == step else ""))
     barrier()
     return path
 
@@ -249,6 +261,23 @@ def run_eval(
     return evals, texts
 
 
+def evaluation(
+    step: int, records: list[dict], model: nn.Module, setup: RunSetup, job: Job, evaluate, watch: Watch, logger
+) -> Verdict:
+    """The evaluation after ``step``: evaluate and sample (:func:`run_eval`), the watch's verdict (the same on every
+    rank), the lines and series (``eval/*``, ``eval/train_gap``), the overfitting warning, then the listeners."""
+    evals, texts = run_eval(model, setup.autocast, evaluate, job.sample)
+    verdict = watch.evaluated(step, evals) if evals else Verdict()
+    records[-1].update(evals)
+    if verdict.gap is not None:
+        records[-1]["eval_train_gap"] = verdict.gap
+    logger.eval_lines(step, records[-1], texts)
+    if verdict.warning:
+        notice(verdict.warning)
+    tell_listeners(step, evals, watch)
+    return verdict
+
+
 def fit(
     model: nn.Module,
     train_source: BatchSource,
@@ -259,7 +288,8 @@ def fit(
     setup: RunSetup | None = None,
     job: Job | None = None,
 ) -> list[dict]:
-    """Train ``model`` for ``cfg.max_steps`` optimizer steps; return one metrics dict per step taken.
+    """Train ``model`` for ``cfg.max_steps`` optimizer steps (fewer when it stops early); return one metrics dict per
+    step taken (with early stopping the last one's ``weights_step`` is the step of the weights the model ends with).
 
     ``model`` is on its device, maybe DDP-wrapped and/or compiled, and returns ``.loss``; only trainable parameters
     are optimized and checkpointed, into ``run_dir`` (with ``tb/`` and ``metrics.jsonl``). ``setup``: what runtime.py
@@ -268,11 +298,13 @@ def fit(
     device, before any checkpoint.
     """
     optim, setup, job = optim or OptimConfig(), setup or RunSetup(), job or Job()
-    run_dir, raw = Path(run_dir), unwrap(model)
+    run_dir, raw, watch = Path(run_dir), unwrap(model), Watch(cfg.early_stopping)
+    evaluate = job.validate if watch.enabled and job.validate else job.evaluate
+    check_metric(cfg.early_stopping, job.metrics, cfg.eval_every if evaluate else 0)
     device = next(raw.parameters()).device
     optimizer = build_optimizer(raw, optim)
     scheduler = build_scheduler(optimizer, optim, cfg.max_steps)
-    start = restore(setup.resume_from, run_dir, cfg, raw, optimizer, scheduler, train_source)
+    start = restore(setup.resume_from, run_dir, cfg, raw, optimizer, scheduler, train_source, watch)
     steps = StepLog(job.flops_per_item, peak_flops(device, setup.dtype, cfg.peak_tflops)[0] * get_world_size())
     logger = RunLogger(
         run_dir, cfg, start, main=get_rank() == 0, progress=True, config=config_to_dict(job.config), unit=job.unit
@@ -282,44 +314,44 @@ def fit(
     anomaly = torch.autograd.detect_anomaly(check_nan=True) if cfg.detect_anomaly else contextlib.nullcontext()
     history: list[dict] = []
     with contextlib.closing(logger), NonFiniteGuard(raw, enabled=setup.break_on_nonfinite) as guard, anomaly:
-        for step in range(start + 1, cfg.max_steps + 1):  # 1-based: step-000001 = after one update
+        for step in range(start + 1, start if watch.stopped else cfg.max_steps + 1):  # 1-based: step-000001 = 1 update
             guard.step, last = step, step == cfg.max_steps
             batches = [to_device(train_source.next_batch(), device) for _ in range(cfg.grad_accum)]
             steps.fpt = steps.fpt or _flops_per_token(raw, batches[0])
+            on_gradients = health.capture_gradients if health.due(step, last) else None
             result = train_step(
-                model,
-                batches,
-                optimizer,
-                scheduler,
-                grad_clip=cfg.grad_clip,
-                autocast=setup.autocast,
-                step=step,
-                check_loss=guard.check_loss,
-                on_gradients=health.capture_gradients if health.due(step, last) else None,
-            )
+                model, batches, optimizer, scheduler, grad_clip=cfg.grad_clip, autocast=setup.autocast, step=step,
+                check_loss=guard.check_loss, on_gradients=on_gradients,
+            )  # fmt: skip
             health.capture_update(step)  # a no-op unless this step's gradients were captured
             steps.add(step, result)
             logger.advance()
             log_due = compiling or _due(step, cfg.log_every, last)
-            eval_due = job.evaluates and _due(step, cfg.eval_every, last)
+            eval_due = evaluate is not None or job.sample is not None
+            eval_due = eval_due and _due(step, cfg.eval_every, last)
             save_due = _due(step, cfg.save_every, last)
             if not (log_due or eval_due or save_due or health.pending):
                 continue  # nothing to show yet: the device keeps running ahead
             records = steps.read(compiling=compiling)  # up to a skipped (non-finite) step, if any
-            finite = steps.failed is None
+            finite, verdict = steps.failed is None, Verdict()
+            watch.add_training(records)
             if finite and log_due:
                 logger.train_line(records[-1])
             if finite and health.pending:
                 logger.grad_health(*health.read())
             if finite and eval_due:
-                evals, texts = run_eval(raw, setup.autocast, job.evaluate, job.sample)
-                records[-1].update(evals)
-                logger.eval_lines(step, records[-1], texts)
+                verdict = evaluation(step, records, raw, setup, job, evaluate, watch, logger)
             logger.append_metrics(records)
             history.extend(records)
             steps.raise_if_failed()  # before any checkpoint: the skipped step ends the run
-            if save_due:
-                save_state(run_dir, step, raw, optimizer, scheduler, train_source, cfg, job)
+            if save_due or verdict.stop or (verdict.improved and watch.enabled):
+                save_state(run_dir, step, raw, optimizer, scheduler, train_source, cfg, job, watch)
+            if verdict.stop:
+                notice(verdict.stop)
+                break
             compiling = False
             steps.restart()  # evaluation and checkpoint time is not training time
+    weights = restore_best(run_dir / "checkpoints", raw, watch, history[-1]["step"] if history else start)
+    if weights is not None and history:
+        history[-1]["weights_step"] = weights
     return history
