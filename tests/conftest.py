@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import site
 import subprocess
@@ -74,22 +75,20 @@ def project_env(project: Path) -> dict[str, str]:
     return env
 
 
-def run(project: Path, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run ``python *args`` in a baked project the way its README says, with a bounded wait."""
-    result = subprocess.run(
-        [sys.executable, *args],
-        cwd=project,
-        env=project_env(project),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def command(argv: list, *, timeout: float = 600, check: bool = True, **kwargs) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` with a bounded wait and its output captured; with ``check``, a failure shows that output."""
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kwargs)
     if check and result.returncode != 0:
         raise AssertionError(
-            f"`python {' '.join(args)}` exited {result.returncode}\n--- stdout\n{result.stdout[-4000:]}"
+            f"`{shlex.join(map(str, argv))}` exited {result.returncode}\n--- stdout\n{result.stdout[-4000:]}"
             f"\n--- stderr\n{result.stderr[-4000:]}"
         )
     return result
+
+
+def run(project: Path, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ``python *args`` in a baked project the way its README says, with a bounded wait."""
+    return command([sys.executable, *args], cwd=project, env=project_env(project), timeout=timeout, check=check)
 
 
 def tool(name: str) -> str | None:

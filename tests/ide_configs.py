@@ -107,7 +107,7 @@ def resolve(value: Any, workspace: Path, python: str = sys.executable) -> Any:
 
 
 def launch_configs(project: Path) -> list[dict]:
-    return json.loads((project / ".vscode" / "launch.json").read_text(encoding="utf-8"))["configurations"]
+    return load_jsonc(project / ".vscode" / "launch.json")["configurations"]
 
 
 def tasks(project: Path) -> list[dict]:

@@ -251,10 +251,33 @@ def start_listening_pretrain(project: Path, *extra: str, env: dict[str, str] | N
     )
 
 
+def attach_and_stop(resolved: dict, port: int, local_step: Path, line: int) -> float:
+    """Attach the way VS Code does with ``resolved`` (an attach configuration, variables resolved) to the adapter on
+    ``port``, stop at ``local_step:line``, check that the frame is reported at that IDE-side path with ``loss`` in
+    scope, and let the program run on. Returns the monotonic time of the stop."""
+    host = resolved["connect"]["host"]
+    with DAPClient.connect(host, port) as client:
+        client.initialize()
+        seq = client.send_request("attach", {**resolved, "connect": {"host": host, "port": port}})
+        client.configure({str(local_step): [line]})
+        client.wait_response(seq, timeout=30)
+        stopped = client.wait_stopped(FIRST_STOP_TIMEOUT)
+        stopped_at = time.monotonic()
+        frame = client.top_frame(stopped["threadId"])
+        assert frame["source"]["path"] == str(local_step), "the stop is reported in the IDE's (local) path"
+        assert frame["line"] == line
+        assert "loss" in client.locals(frame["id"])
+        client.clear_breakpoints(local_step)
+        client.request("continue", {"threadId": stopped["threadId"]})
+        client.close(terminate=False)
+    return stopped_at
+
+
 @pytest.mark.slow
 def test_attach_to_container_configuration(project, tmp_path):
     """The program runs at the "remote" path (the container's /workspaces/<project>); VS Code has the sources at
-    another path and sets its breakpoint there; the configuration's pathMappings make it hit."""
+    another path and sets its breakpoint there; the configuration's pathMappings make it hit. (tests/test_container.py
+    does the same against the real dev container.)"""
     config = launch_config(project, "Attach to container (debugpy :5678)")
     (mapping,) = config["pathMappings"]
     assert mapping["remoteRoot"] == f"/workspaces/{DEFAULT_PROJECT}"
@@ -269,21 +292,8 @@ def test_attach_to_container_configuration(project, tmp_path):
         resolved["pathMappings"] = [{"localRoot": resolved["pathMappings"][0]["localRoot"], "remoteRoot": str(project)}]
         assert resolved["pathMappings"][0]["localRoot"] == str(local)
         local_step = step_file(local)
-        line = marker_line(local_step)
-        with DAPClient.connect(host, port) as client:
-            client.initialize()
-            seq = client.send_request("attach", resolved)
-            client.configure({str(local_step): [line]})
-            client.wait_response(seq, timeout=30)
-            stopped = client.wait_stopped(FIRST_STOP_TIMEOUT)
-            report_timing("attach (container path mapping)", time.monotonic() - start)
-            frame = client.top_frame(stopped["threadId"])
-            assert frame["source"]["path"] == str(local_step), "the stop is reported in the IDE's (local) path"
-            assert frame["line"] == line
-            assert "loss" in client.locals(frame["id"])
-            client.clear_breakpoints(local_step)
-            client.request("continue", {"threadId": stopped["threadId"]})
-            client.close(terminate=False)
+        stopped_at = attach_and_stop(resolved, port, local_step, marker_line(local_step))
+        report_timing("attach (container path mapping)", stopped_at - start)
         assert program.wait(EXIT_TIMEOUT) == 0, program.output
     finally:
         program.kill()
