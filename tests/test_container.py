@@ -438,18 +438,20 @@ def test_image_login_shell_keeps_the_venv_and_holds_no_uv_cache(main_run, base_i
     """The generated Dockerfile's image (without the CLI's UID layer), started the way plain `docker run` or an IDE
     does: a login shell keeps the venv first on PATH although Debian's /etc/profile resets PATH (and loses it
     without the profile.d file); the venv's Python is the base image's own, so nothing was downloaded; no uv cache
-    stayed in the image; uv trusts the system store."""
+    stayed in the image; uv trusts the system store; a C compiler is there for Triton."""
     image = command(["docker", "inspect", "--format", "{{.Config.Image}}", main_run.container]).stdout.strip()
     script = """bash -lc 'command -v python'; readlink -f "$VIRTUAL_ENV/bin/python"
         find / -xdev -type d -path '*/.cache/uv' -print; echo "UV_NATIVE_TLS=$UV_NATIVE_TLS"
-        rm $(grep -l VIRTUAL_ENV /etc/profile.d/*.sh); bash -lc 'command -v python || echo none'"""
+        rm $(grep -l VIRTUAL_ENV /etc/profile.d/*.sh); bash -lc 'command -v python || echo none'
+        command -v cc || echo no-cc"""
     argv = ["docker", "run", "--rm", "--network=host", "--user=root", image.removesuffix("-uid"), "bash", "-c", script]
     with timed("main: docker run of the image (login shell, caches)"):
         lines = command(argv, timeout=300).stdout.split()
     stand_in = base_images[from_images(main_run.workspace)["dev"]]
     python = "/usr/bin/python3.11" if stand_in else "/home/dev/.local/share/uv/python/"
     assert lines[0] == "/home/dev/.venv/bin/python" and lines[1].startswith(python), lines
-    assert lines[2:] == ["UV_NATIVE_TLS=true", "none"], "a uv cache in the image, or PATH kept without profile.d"
+    assert lines[2:4] == ["UV_NATIVE_TLS=true", "none"], "a uv cache in the image, or PATH kept without profile.d"
+    assert lines[4:] == ["/usr/bin/cc"], "no C compiler: Triton (torch.compile on the GPU) could not build its launcher"
 
 
 def test_pretrain_debug_runs_in_the_container(cli, main_run):
