@@ -8,7 +8,6 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from {{ cookiecutter.package }} import finetune
 from {{ cookiecutter.package }}.config import LoraSettings, OptimConfig, TrainConfig
 from {{ cookiecutter.package }}.config.finetune import FinetuneConfig, FinetuneDataConfig
-from {{ cookiecutter.package }}.data.classify import write_texts
+from {{ cookiecutter.package }}.data.classify import read_text_file, write_texts
 
 # The label is the last word, which the classifier pools; the openings vary the length (padding in every batch).
 ENDINGS = (("love", "comedy"), ("war", "history"), ("death", "tragedy"))
@@ -68,7 +67,7 @@ def test_held_out_files_score_the_runs_evaluation_and_match_an_unbatched_referen
     assert accuracy == pytest.approx(json.loads((run_dir / "metrics.json").read_text())["eval"]["accuracy"])
     assert accuracy >= 0.8  # the rule is learnable: the score means something
     files = sorted(rows)
-    texts = [Path(f).read_text(encoding="utf-8") for f in files]
+    texts = [read_text_file(f) for f in files]
     expected = reference_probabilities(ft_hf_dir, run_dir / "adapter", texts)
     for file, probs in zip(files, expected, strict=True):
         got = rows[file]["probabilities"]
@@ -98,7 +97,7 @@ def test_stdin_lines_and_text_output(classify_run, tmp_path, predict_cli):
     assert code == 0, err
     assert [line.split("\t")[2] for line in lines] == ["<stdin>:1", "<stdin>:3", "<stdin>:4", "<stdin>:5"]
     code, from_files, _ = predict_cli(run_dir, *sorted((tmp_path / "val").rglob("*.txt")))
-    by_text = {Path(line.split("\t")[2]).read_text(encoding="utf-8"): line for line in from_files}
+    by_text = {read_text_file(line.split("\t")[2]): line for line in from_files}
     for text, line in zip(texts, lines, strict=True):
         label, scores, _ = line.split("\t")
         assert (label, scores) == tuple(by_text[text].split("\t")[:2])

@@ -12,12 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
+import test_vision
 from {{ cookiecutter.package }} import vision
 from {{ cookiecutter.package }}.classifiers import load_classifier
 from {{ cookiecutter.package }}.config import parse_config
 from {{ cookiecutter.package }}.config.vision import VisionConfig
 from {{ cookiecutter.package }}.data.images import write_images
-from test_vision import hf_resnet_dir  # noqa: F401  (a module-scoped fixture)
+
+# test_vision.py's module-scoped fixture, shared by name. An `import` line, not `from test_vision import ...`: its
+# place among the imports then does not depend on the package's name, which the import sort would compare it with.
+hf_resnet_dir = test_vision.hf_resnet_dir
 
 
 @pytest.fixture(scope="module")

@@ -209,6 +209,6 @@ def write_texts(
     for i, row in enumerate(rows):
         path = Path(out_dir) / str(row[label_key]) / f"{i:05d}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(row[text_key], encoding="utf-8")
+        path.write_text(row[text_key] + "\n", encoding="utf-8")  # ends in a line break; read_text_file drops it
         paths.append(path)
     return paths
