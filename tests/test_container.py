@@ -65,8 +65,10 @@ MAPPED_UID = 1970  # a host user with another UID: updateRemoteUserUID maps dev 
 WHEELS = "/opt/torch-wheel"  # where the container sees the local torch wheel
 CUDA_PATH = "/usr/local/nvidia/bin:/usr/local/cuda/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # In the container the generated suite may also skip what this image leaves out on purpose: a C++ compiler
-# (inductor on the CPU) and the optional W&B extra.
-CONTAINER_SKIPS = re.compile(f"{ALLOWED_SKIP_REASON.pattern}|inductor needs a C\\+\\+ compiler|W&B is optional")
+# (inductor on the CPU), and the optional extras that `.[dev]` (the README's install) does not bring: W&B, lm_eval.
+CONTAINER_SKIPS = re.compile(
+    f"{ALLOWED_SKIP_REASON.pattern}|inductor needs a C\\+\\+ compiler|W&B is optional|lm-evaluation-harness is optional"
+)
 TIMINGS: dict[str, float] = {}
 IS_ROOT = os.geteuid() == 0
 CACHE = Path(

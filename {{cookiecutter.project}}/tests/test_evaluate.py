@@ -20,6 +20,8 @@ from {{ cookiecutter.package }}.config.finetune import FinetuneConfig, FinetuneD
 from {{ cookiecutter.package }}.data import benchmark
 from {{ cookiecutter.package }}.data.builtin import BUILTIN_CLASSIFY, BUILTIN_SFT, PLAYS, read_jsonl_records
 
+EVAL_EXTRA = 'lm-evaluation-harness is optional: pip install -e ".[eval]"'  # the skip reason CI allows in the container
+
 PARAGRAPHS = [
     "Now is the winter of our discontent\nMade glorious summer by this sun of York;",
     "O, pardon me, thou bleeding piece of earth,\nThat I am meek and gentle with these butchers!",
@@ -39,6 +41,7 @@ def run_evaluate(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def test_offline_documents_are_held_out_and_ask_the_sft_questions():
+    pytest.importorskip("datasets", reason=EVAL_EXTRA)  # the tasks' documents are `datasets` splits
     passages = benchmark.heldout_passages()
     val = [r for r in read_jsonl_records(BUILTIN_CLASSIFY) if r["split"] == "val"]
     sft = [r for r in read_jsonl_records(BUILTIN_SFT) if "prompt" in r]
@@ -79,7 +82,7 @@ def direct_log_likelihood(model_dir, texts: list[str]) -> float:
 
 
 def test_file_perplexity_equals_a_direct_computation(tmp_path, ft_hf_dir, capsys):
-    pytest.importorskip("lm_eval")
+    pytest.importorskip("lm_eval", reason=EVAL_EXTRA)
     model_dir = shutil.copytree(ft_hf_dir, tmp_path / "model")  # evaluate writes its results beside the model
     (tmp_path / "held_out.txt").write_text("\n\n".join(PARAGRAPHS) + "\n")
     code, out, err = run_evaluate(capsys, model_dir, "--tasks", "", "--perplexity_file", tmp_path / "held_out.txt",
@@ -113,7 +116,7 @@ def sft_run(tmp_path_factory, ft_hf_dir):
 
 @pytest.mark.slow
 def test_an_sft_run_scores_alike_through_its_adapter_and_its_merged_export(sft_run, tmp_path, capsys):
-    pytest.importorskip("lm_eval")
+    pytest.importorskip("lm_eval", reason=EVAL_EXTRA)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     adapter_only = shutil.copytree(sft_run, tmp_path / "adapter-only", ignore=shutil.ignore_patterns("hf", "tb"))
@@ -139,7 +142,7 @@ def test_an_sft_run_scores_alike_through_its_adapter_and_its_merged_export(sft_r
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, ft_hf_dir):
-    pytest.importorskip("lm_eval")
+    pytest.importorskip("lm_eval", reason=EVAL_EXTRA)
     (tmp_path / "classifier").mkdir()
     (tmp_path / "classifier" / "metrics.json").write_text(json.dumps({"task": "vision"}))
     cases = [
