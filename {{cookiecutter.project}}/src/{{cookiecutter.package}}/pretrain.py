@@ -24,9 +24,10 @@ from .config import ConfigError, DebugConfig, SampleConfig
 from .config.pretrain import PretrainConfig
 from .metrics import LOSS_METRICS
 from .runtime import training_run
-from .train.distributed import barrier, unwrap
+from .train.distributed import barrier, is_sharded, unwrap
 from .train.logger import history_result
 from .train.loop import Job, evaluate_loss, fit
+from .train.sharded import full_state_dict
 
 
 def make_sampler(tokenizer: Any, cfg: SampleConfig, device: torch.device, seed: int):
@@ -146,14 +147,16 @@ def run(cfg: PretrainConfig, dbg: DebugConfig | None = None) -> list[dict]:
             ),
         )
 
-        if info.is_main:
-            if cfg.export_hf:
-                from .model.hf import export_hf
+        if cfg.export_hf:
+            from .model.hf import export_hf
 
-                out = export_hf(unwrap(model), run_dir / "hf", corpus.tokenizer)
+            # a sharded model is gathered onto rank 0's CPU, tensor by tensor (every rank sends its shards)
+            weights = full_state_dict(model) if is_sharded(model) else None
+            if info.is_main:
+                out = export_hf(unwrap(model), run_dir / "hf", corpus.tokenizer, state_dict=weights)
                 print(f"exported transformers model to {out}", flush=True)
-            if history:
-                print(done_line(history, run_dir), flush=True)
+        if info.is_main and history:
+            print(done_line(history, run_dir), flush=True)
         barrier()
         return history
 

@@ -5,7 +5,8 @@ imports this module: it hands the loop what it decided (:class:`.train.loop.RunS
 :func:`training_run` is what every training entry point wraps its work in: distributed init, the debugger, the
 resume point resolved once (:func:`resolve_start`, which refuses a run that would overwrite checkpoints before
 anything is written), and the teardown; its :class:`RunContext` prints and saves the resolved config, sets
-seeds/determinism/TF32 and the precision (:meth:`RunContext.start`), and compiles and DDP-wraps the model.
+seeds/determinism/TF32 and the precision (:meth:`RunContext.start`), and compiles and wraps the model for the ranks
+(``train.parallel``: DDP, or FSDP2 which shards it; one process trains the plain model either way).
 
 ``train.compile: auto`` (the default) compiles on CUDA, where fusing the many small elementwise kernels of a step and
 removing Python overhead pays for the compile time many times over, and stays eager everywhere a person is looking:
@@ -18,6 +19,7 @@ force it either way; a ``--train.compile`` flag beats the ``--debug`` profile li
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import subprocess
@@ -34,7 +36,7 @@ from torch import nn
 from .config import Auto, ConfigError, DebugConfig, TrainConfig, config_to_yaml, save_config
 from .debug import debugger_attached, start_debugger
 from .train import checkpoint as ckpt
-from .train.distributed import DistInfo, get_rank, init_distributed, notice, teardown, wrap_ddp
+from .train.distributed import DistInfo, get_rank, init_distributed, notice, teardown, wrap_ddp, wrap_fsdp
 from .train.logger import require_logger
 from .train.loop import RunSetup
 
@@ -47,6 +49,7 @@ class RunContext:
     run_dir: Path
     dbg: DebugConfig
     setup: RunSetup  # what fit() gets: the resume point from the start, the precision once start() has run
+    parallel: str = "ddp"  # train.parallel
 
     @property
     def resume_from(self) -> Path | None:
@@ -69,7 +72,13 @@ class RunContext:
             save_config(cfg, self.run_dir / "config.yaml")
 
     def wrap(self, model: nn.Module, compile_setting: Auto, *, fullgraph: bool = False) -> nn.Module:
-        """The model as it trains: compiled when :func:`compile_decision` says so, then DDP under torchrun."""
+        """The model as it trains: compiled when :func:`compile_decision` says so, then DDP under torchrun; or with
+        ``train.parallel fsdp`` on several ranks each block compiled, then sharded (FSDP2, bf16 weights in compute
+        when the run is bf16)."""
+        if self.parallel == "fsdp" and self.info.distributed:
+            use = compile_wanted(compile_setting, self.info.device, self.dbg)
+            compile_block = functools.partial(torch.compile, fullgraph=fullgraph) if use else None
+            return wrap_fsdp(model, self.info, self.setup.dtype, compile_block)
         return wrap_ddp(
             maybe_compile(model, compile_setting, self.info.device, self.dbg, fullgraph=fullgraph), self.info
         )
@@ -86,7 +95,7 @@ def training_run(cfg: Any, dbg: DebugConfig) -> Iterator[RunContext]:
         start_debugger(dbg, info.rank)
         run_dir = Path(cfg.out_dir) / cfg.name
         setup = RunSetup(resolve_start(run_dir, cfg.train), break_on_nonfinite=dbg.break_on_nonfinite)
-        yield RunContext(info, run_dir, dbg, setup)
+        yield RunContext(info, run_dir, dbg, setup, cfg.train.parallel)
     finally:
         teardown()
 
@@ -191,6 +200,15 @@ def compile_decision(setting: Auto, device: torch.device, dbg: DebugConfig) -> t
     return True, "train.compile auto on CUDA"
 
 
+def compile_wanted(setting: Auto, device: torch.device, dbg: DebugConfig) -> bool:
+    """:func:`compile_decision`, said in one line (rank 0)."""
+    use, why = compile_decision(setting, device, dbg)
+    if get_rank() == 0:
+        state = "on" if use else "off"
+        print(f"compile: {state} ({why})", file=sys.stderr if not use else sys.stdout, flush=True)
+    return use
+
+
 def maybe_compile(
     model: nn.Module, setting: Auto, device: torch.device, dbg: DebugConfig, *, fullgraph: bool = False
 ) -> nn.Module:
@@ -198,11 +216,7 @@ def maybe_compile(
 
     ``fullgraph=True`` (our LlamaLM) turns a graph break into an error instead of a silent slowdown.
     """
-    use, why = compile_decision(setting, device, dbg)
-    if get_rank() == 0:
-        state = "on" if use else "off"
-        print(f"compile: {state} ({why})", file=sys.stderr if not use else sys.stdout, flush=True)
-    return torch.compile(model, fullgraph=fullgraph) if use else model
+    return torch.compile(model, fullgraph=fullgraph) if compile_wanted(setting, device, dbg) else model
 
 
 def named_checkpoint(path: str | Path, log: ckpt.Log = None) -> Path:

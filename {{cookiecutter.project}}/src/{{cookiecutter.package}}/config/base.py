@@ -38,14 +38,18 @@ def require(ok: bool, name: str, value: Any, expected: str) -> None:
 @dataclass
 class RunConfig:
     """What every training program has: a run name; everything the run writes goes to ``out_dir/name`` (config,
-    checkpoints, tb, exports). ``debug_section`` names the program's section of ``config/profiles/debug.yaml``."""
+    checkpoints, tb, exports). ``debug_section`` names the program's section of ``config/profiles/debug.yaml``;
+    ``shardable``: the program can train under ``--train.parallel fsdp`` (its exports gather a sharded model)."""
 
     debug_section: ClassVar[str]
+    shardable: ClassVar[bool] = False
     name: str
     out_dir: str = "runs"
 
     def __post_init__(self) -> None:
         require(bool(self.name) and "/" not in self.name, "name", self.name, "a non-empty name without '/'")
+        parallel = getattr(getattr(self, "train", None), "parallel", "ddp")
+        require(parallel == "ddp" or self.shardable, "train.parallel", parallel, "ddp for this program's models")
 
 
 @dataclass
@@ -160,6 +164,9 @@ class TrainConfig:
     # torch.compile the model: auto = on CUDA, unless --debug, --break-on-nonfinite or an attached debugger asks for
     # eager (see runtime.compile_decision); always / never force it. The first steps are reported as "compiling"
     compile: Auto = "auto"
+    # how several ranks share the work (docs/distributed.md): ddp = every rank holds the whole model, gradients and
+    # AdamW state; fsdp = FSDP2 shards them over the ranks (pretrain and finetune), with sharded checkpoints
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     deterministic: bool = False  # torch.use_deterministic_algorithms + fixed seeds (slower; for debugging)
     detect_anomaly: bool = False  # autograd anomaly detection: names the op that produced a NaN (very slow)
     peak_tflops: float | None = None  # device peak for MFU; None = look up the GPU / measure once

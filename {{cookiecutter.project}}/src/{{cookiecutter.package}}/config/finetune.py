@@ -67,6 +67,7 @@ class FinetuneConfig(RunConfig):
     """``python -m <package>.finetune``: LoRA fine-tuning of a local or hub model, SFT or classification."""
 
     debug_section = "finetune"
+    shardable = True
     name: str | None = None  # run name; None = finetune-<task>
     task: Literal["sft", "classify"] = "sft"
     # a transformers model directory or hub id; None = what `pretrain` exported (its --debug run's under --debug)

@@ -33,6 +33,7 @@ class PretrainConfig(RunConfig):
     """``python -m <package>.pretrain``: train LlamaLM from scratch into ``out_dir/name``."""
 
     debug_section = "pretrain"
+    shardable = True
     name: str = "pretrain"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

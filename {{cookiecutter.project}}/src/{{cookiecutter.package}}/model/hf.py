@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from ..config import ModelConfig
 from .lm import LlamaLM
@@ -65,9 +66,12 @@ def hf_config_dict(config: ModelConfig, *, bos_token_id=None, eos_token_id=None,
     )
 
 
-def export_hf(model: LlamaLM, out_dir: str | Path, tokenizer: Any = None) -> Path:
+def export_hf(
+    model: LlamaLM, out_dir: str | Path, tokenizer: Any = None, state_dict: dict[str, Tensor] | None = None
+) -> Path:
     """Write `model` as a LlamaForCausalLM checkpoint directory. `tokenizer`: a transformers tokenizer, a directory
-    holding one, or None. Returns the directory."""
+    holding one, or None. `state_dict`: the weights to write instead of `model.state_dict()` (a sharded model's,
+    gathered: `train.sharded.full_state_dict`). Returns the directory."""
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig
 
     out = Path(out_dir)
@@ -84,7 +88,7 @@ def export_hf(model: LlamaLM, out_dir: str | Path, tokenizer: Any = None) -> Pat
 
     tied = model.lm_head.weight is model.embed_tokens.weight
     tensors = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in (state_dict if state_dict is not None else model.state_dict()).items():
         if tied and name == "lm_head.weight":
             continue  # HF re-ties it from tie_word_embeddings; safetensors refuses two names for one storage anyway
         tensors[to_hf_key(name)] = tensor.detach().to("cpu").contiguous()

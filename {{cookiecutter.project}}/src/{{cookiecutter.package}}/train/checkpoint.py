@@ -6,12 +6,15 @@ Layout of ``<run_dir>/checkpoints/``::
         manifest.json       # size and sha256 of every other file (:mod:`.manifest`), written last
         model.safetensors   # weights (only the trainable ones for a partly frozen model such as peft/LoRA)
         trainer.pt          # optimizer, scheduler, step, RNG and early-stopping states, data position, config, extra
+        sharded/            # instead of model.safetensors and the optimizer under --train.parallel fsdp: each rank's
+                            # shards of both, through torch.distributed.checkpoint (:mod:`.sharded`)
         ...                 # whatever the optional save_model callback writes (e.g. a LoRA adapter)
     step-000200/
     latest                  # text file: "step-000200"
     best                    # text file, with early stopping: the best checkpoint (:mod:`.stopping`), never pruned
 
-Writing never exposes a partial checkpoint (:func:`staged`): a kill at any moment leaves the previous one published.
+Writing never exposes a partial checkpoint (:func:`staged`; :func:`staged_on_all_ranks` when every rank writes its
+shards): a kill at any moment leaves the previous one published.
 Reading checks the files against the manifest first: a damaged checkpoint raises :class:`DamagedCheckpointError`
 (one line: the file and what is wrong) and :func:`newest_intact` skips it, but nothing is deleted for being damaged.
 ``trainer.pt`` holds only tensors and plain data (:mod:`.state`): ``torch.load(weights_only=True)`` runs no code.
@@ -32,7 +35,9 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
+from .distributed import all_gather_object, barrier, get_rank, is_sharded
 from .manifest import MANIFEST_FILE, find_damage, fsync, write_manifest
+from .sharded import is_sharded_checkpoint, load_sharded, save_sharded
 from .state import load_model_weights, rng_state, save_model_weights, set_rng_state, to_plain
 
 FORMAT_VERSION = 1
@@ -155,6 +160,21 @@ def staged(root: str | Path, step: int) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def staged_on_all_ranks(root: str | Path, step: int) -> Iterator[Path]:
+    """:func:`staged` for a checkpoint every rank writes into (its DCP shards): rank 0 stages the directory and every
+    rank gets its path; once all ranks have left the block, rank 0 writes the manifest and publishes. Call it on
+    every rank (``root`` on a file system they all see)."""
+    if get_rank() != 0:
+        yield all_gather_object(None)[0]
+        barrier()
+        return
+    with staged(root, step) as tmp:
+        all_gather_object(tmp)
+        yield tmp
+        barrier()  # every rank's shards are on disk before the manifest lists them
+
+
 def save_checkpoint(
     root: str | Path,
     step: int,
@@ -169,9 +189,12 @@ def save_checkpoint(
     stopping: dict | None = None,
     save_model: Callable[[nn.Module, Path], None] | None = None,
     trainable_only: bool | None = None,
+    sharded: bool = False,
     keep: int = 0,
 ) -> Path:
     """Publish ``root/step-NNNNNN`` atomically (:func:`staged`) and return it; main process only, unwrapped ``model``.
+    ``sharded`` (``--train.parallel fsdp``): called on every rank, each writes its shards of the model and optimizer
+    (:func:`.sharded.save_sharded`) and runs ``save_model``; rank 0 writes the rest.
 
     ``data_state``: the batch source position (or a per-rank list); ``rng``: RNG states (default: this process's);
     ``config``: the run's config as a dict; ``extra``: other plain data (e.g. a label map); ``stopping``: the
@@ -181,18 +204,22 @@ def save_checkpoint(
     trainer = {
         "format": FORMAT_VERSION,
         "step": int(step),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "optimizer": optimizer.state_dict() if optimizer is not None and not sharded else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "rng": to_plain(rng if rng is not None else rng_state()),
         **to_plain({"data": data_state, "config": config, "extra": extra, "stopping": stopping}),
     }
-    with staged(root, step) as tmp:
-        save_model_weights(model, tmp / MODEL_FILE, trainable_only)
-        torch.save(trainer, tmp / TRAINER_FILE)
+    with staged_on_all_ranks(root, step) if sharded else staged(root, step) as tmp:
+        if sharded:
+            save_sharded(tmp, model, optimizer)
+        else:
+            save_model_weights(model, tmp / MODEL_FILE, trainable_only)
+        if get_rank() == 0:
+            torch.save(trainer, tmp / TRAINER_FILE)
         if save_model is not None:
             save_model(model, tmp)
     final = Path(root) / step_dir_name(step)
-    if keep > 0:
+    if keep > 0 and get_rank() == 0:
         prune(Path(root), keep, final)
     return final
 
@@ -221,6 +248,21 @@ def load_trainer_state(path: str | Path, map_location: str | torch.device = "cpu
     return state
 
 
+def load_weights(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """The weights of checkpoint ``path`` (and, when sharded, the optimizer state) into ``model``: a sharded
+    checkpoint into any model at any world size (collective under a process group), ``model.safetensors`` into an
+    unsharded one."""
+    if is_sharded_checkpoint(path):
+        load_sharded(path, model, optimizer)
+    elif is_sharded(model):
+        raise ConfigError(
+            f"{path} was saved by a ddp run: continue it with --train.parallel ddp (an fsdp run reads the sharded "
+            "checkpoints of fsdp runs, at any number of ranks)"
+        )
+    else:
+        load_model_weights(model, path / MODEL_FILE)
+
+
 def load_checkpoint(
     path: str | Path,
     model: nn.Module,
@@ -238,7 +280,7 @@ def load_checkpoint(
     if not is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (expected {MODEL_FILE} and {TRAINER_FILE})")
     state = load_trainer_state(path, verified=verified)
-    load_model_weights(model, path / MODEL_FILE)
+    load_weights(path, model, optimizer)
     if optimizer is not None and state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:

@@ -18,24 +18,26 @@ Multi-node: start the same command on every node with a rendezvous endpoint that
 (``scripts/slurm-pretrain.sh`` does this under Slurm.) Only rank 0 writes logs, TensorBoard and checkpoints;
 checkpoints go to ``out_dir`` which must then be on a shared file system for ``--train.resume auto`` to work.
 
-FSDP: DDP keeps a full model copy per GPU, which is right for models that fit on one device (everything this template
-trains from scratch). For larger models, replace :func:`wrap_ddp` with ``torch.distributed.fsdp.fully_shard`` applied
-to every ``DecoderBlock`` and then to the root (FSDP2, public in torch >= 2.6); the training step is unchanged except
-that ``no_sync`` becomes ``model.set_requires_gradient_sync(False)``, and checkpoints need
-``torch.distributed.checkpoint`` (sharded state dicts) instead of the rank-0 ``state_dict()`` used here.
+FSDP2 (``--train.parallel fsdp``, :func:`wrap_fsdp`): each rank keeps only its shard of every parameter, gradient
+and AdamW state; a decoder block's weights are all-gathered just before it runs and freed after, and its gradients
+are reduce-scattered. Checkpoints are then sharded too (:mod:`.sharded`). DDP is what a model that fits on one device
+should use: it is simpler and, without the all-gathers, faster.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 
@@ -171,7 +173,66 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def is_compiled(model: nn.Module) -> bool:
-    """True when ``torch.compile`` wraps the model (possibly inside DDP)."""
+    """True when ``torch.compile`` wraps the model (possibly inside DDP) or, under FSDP, its blocks."""
     while isinstance(model, DDP):
         model = model.module
-    return isinstance(getattr(model, "_orig_mod", None), nn.Module)
+    return any(isinstance(getattr(m, "_orig_mod", None), nn.Module) for m in model.modules())
+
+
+def decoder_blocks(model: nn.Module) -> list[tuple[nn.ModuleList, str]]:
+    """The repeated blocks FSDP shards one by one, as (their list, name in it): the elements of every outermost
+    ``nn.ModuleList`` (LlamaLM's ``layers``, transformers' ``model.layers``, BERT's ``encoder.layer``)."""
+    found, inside = [], ()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and not name.startswith(inside):
+            found.extend((module, key) for key in module._modules)
+            inside += (name + ".",)
+    return found
+
+
+def wrap_fsdp(
+    model: nn.Module,
+    info: DistInfo,
+    param_dtype: torch.dtype | None = None,
+    compile_block: Callable[[nn.Module], nn.Module] | None = None,
+) -> nn.Module:
+    """Shard ``model`` with FSDP2 over all ranks: ``fully_shard`` on every decoder block (:func:`decoder_blocks`),
+    then on the root (the embeddings, final norm and head, which stay one unit so that tied weights stay tied).
+    Returns ``model`` unchanged on one process, like :func:`wrap_ddp`.
+
+    ``param_dtype`` (bf16 runs): the all-gathered weights and the computation are in that dtype while the sharded
+    master weights, the gradients' reduction and AdamW stay fp32 (``MixedPrecisionPolicy``). ``compile_block``
+    (``torch.compile``) is applied to each block before it is sharded, torchtitan's order: the all-gather hooks then
+    run eagerly around a compiled block. Activation checkpointing needs nothing here: the model recomputes each block
+    inside ``torch.utils.checkpoint``, and FSDP2's hooks skip the all-gather during that recomputation.
+
+    Frozen and trainable parameters may share a block (a LoRA base and its adapters): FSDP2 shards both, and only the
+    trainable ones get gradients and optimizer state.
+    """
+    if not info.distributed:
+        return model
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    for parent, key in decoder_blocks(model):
+        block = parent._modules[key]
+        if compile_block is not None:
+            block = compile_block(block)
+            parent.register_module(key, block)
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """FSDP2 has sharded ``model``: every forward all-gathers, so every rank must run the same forwards."""
+    return isinstance(model, FSDPModule)
+
+
+def gradient_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """Around one micro-batch's forward and backward: reduce the gradients over the ranks in this backward only when
+    ``sync`` (the last micro-batch of a step); the others accumulate locally. DDP: ``no_sync()``; FSDP2:
+    ``set_requires_gradient_sync``, which skips the reduce-scatter; a plain model: nothing to do."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    no_sync = getattr(model, "no_sync", None)  # DistributedDataParallel
+    return no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()

@@ -10,7 +10,14 @@ import statistics
 from collections import deque
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of an FSDP (DTensor) parameter, gradient or optimizer state; other tensors as they are."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class GradHealth:
@@ -42,6 +49,8 @@ class GradHealth:
             if param.requires_grad:
                 groups.setdefault(name.rpartition(".")[0] or name, []).append(param)
         self.modules, self.params = list(groups), list(groups.values())
+        # FSDP: each rank measures its shards; the squares of the norms add up over the ranks (_over_ranks)
+        self.sharded = any(isinstance(p, DTensor) for params in self.params for p in params)
         if not isinstance(optimizer, torch.optim.Adam):  # AdamW is one
             raise TypeError(f"GradHealth reads the update off Adam/AdamW state, not {type(optimizer).__name__}'s")
         self.optimizer = optimizer
@@ -63,7 +72,7 @@ class GradHealth:
         update will use (the scheduler moves them on right after the optimizer step)."""
         norms, self._samples = [], []
         for params in self.params:
-            grads = [p.grad.detach().float() for p in params if p.grad is not None]
+            grads = [_local(p.grad.detach()).float() for p in params if p.grad is not None]
             if not grads:
                 norms.append(torch.zeros((), device=params[0].device))
                 self._samples.append(torch.zeros(1, device=params[0].device))
@@ -72,7 +81,7 @@ class GradHealth:
             # ~1k values per module reach the host: strided views of each gradient, never a copy of all of them
             per_tensor = max(1, 1024 // len(grads))
             self._samples.append(torch.cat([g.flatten()[:: max(1, g.numel() // per_tensor)] for g in grads]))
-        self._grads = torch.stack(norms)
+        self._grads = self._over_ranks(torch.stack(norms))
         self._lr = {id(group): group["lr"] for group in self.optimizer.param_groups}
 
     def capture_update(self, step: int) -> None:
@@ -82,11 +91,20 @@ class GradHealth:
         weights, updates = [], []
         for params in self.params:
             weights.append(
-                torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.detach().float()) for p in params]))
+                torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(_local(p.detach()).float()) for p in params]))
             )
             updates.append(torch.linalg.vector_norm(torch.stack([self._update_norm(p) for p in params])))
-        self.pending = (step, self._grads, torch.stack(weights), torch.stack(updates), self._samples)
+        weights, updates = self._over_ranks(torch.stack(weights)), self._over_ranks(torch.stack(updates))
+        self.pending = (step, self._grads, weights, updates, self._samples)
         self._grads, self._samples = None, []
+
+    def _over_ranks(self, norms: Tensor) -> Tensor:
+        """Per-module norms of a sharded model's whole tensors from each rank's norms of its shards (one all-reduce)."""
+        if not self.sharded:
+            return norms
+        squares = norms.square()
+        dist.all_reduce(squares)
+        return squares.sqrt()
 
     def _update_norm(self, param: nn.Parameter) -> Tensor:
         """||W_after - W_before|| of the Adam(W) update just made, from what that step left in the optimizer state.
@@ -98,12 +116,12 @@ class GradHealth:
         if group is None or not state:  # not optimized, or no update yet (no gradient)
             return torch.zeros((), device=param.device)
         lr, (beta1, beta2), t = self._lr[id(group)], group["betas"], state["step"]
-        v = state["max_exp_avg_sq"] if group["amsgrad"] else state["exp_avg_sq"]
-        u = (state["exp_avg"] / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + group["eps"])
+        v = _local(state["max_exp_avg_sq"] if group["amsgrad"] else state["exp_avg_sq"])
+        u = (_local(state["exp_avg"]) / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + group["eps"])
         if not group["decoupled_weight_decay"] or not group["weight_decay"]:
             return torch.linalg.vector_norm(lr * u.float())
         decay = lr * group["weight_decay"]
-        return torch.linalg.vector_norm((decay * param.detach() + lr * u).float()) / (1 - decay)
+        return torch.linalg.vector_norm((decay * _local(param.detach()) + lr * u).float()) / (1 - decay)
 
     def read(self) -> tuple[int, dict[str, dict[str, float]], list[Tensor], list[str]] | None:
         """(step, per-module grad_norm / weight_norm / update_ratio, gradient samples, warnings) of the pending

@@ -36,6 +36,7 @@ from .distributed import (
     get_rank,
     get_world_size,
     is_compiled,
+    is_sharded,
     notice,
     unwrap,
 )
@@ -213,13 +214,14 @@ def save_state(
     watch: Watch,
 ) -> Path | None:  # fmt: skip
     """Checkpoint after ``step``: every rank contributes its data position and RNG state, rank 0 writes (atomically;
-    ``checkpoints/best`` names it when it is the best) and returns the path; the others return None. The weights are
+    ``checkpoints/best`` names it when it is the best; under ``--train.parallel fsdp`` every rank writes its shards
+    of the weights and optimizer) and returns the path; the others return None. The weights are
     finite: :func:`fit` has read every step's ``finite`` flag before it saves, and a non-finite step never updated
     them."""
     world = get_world_size()
     per_rank = all_gather_object({"data": source.state_dict(), "rng": rng_state()})
-    path = None
-    if get_rank() == 0:
+    path, sharded = None, cfg.parallel == "fsdp"
+    if sharded or get_rank() == 0:
         path = ckpt.save_checkpoint(
             run_dir / "checkpoints",
             step,
@@ -232,13 +234,15 @@ def save_state(
             extra=job.extra_state() if callable(job.extra_state) else job.extra_state,
             stopping=watch.state_dict(),
             save_model=job.save_model,
+            sharded=sharded,
             keep=cfg.keep_checkpoints,
         )
+    if get_rank() == 0:
         if watch.enabled and watch.best_step == step:
             ckpt.write_pointer(path.parent, ckpt.BEST_FILE, path.name)
         notice(f"checkpoint {path}" + (" (the best so far)" if watch.enabled and watch.best_step == step else ""))
     barrier()
-    return path
+    return path if get_rank() == 0 else None
 
 
 def run_eval(
@@ -248,14 +252,17 @@ def run_eval(
     sample: Callable[[nn.Module], str | list[str]] | None,
 ) -> tuple[dict[str, float], str | list[str] | None]:
     """``evaluate`` (averaged over ranks, keys prefixed ``eval_``) and ``sample`` (rank 0) with the model in eval
-    mode, under ``no_grad`` and autocast; the model's mode is restored afterwards."""
+    mode, under ``no_grad`` and autocast; the model's mode is restored afterwards. A sharded model samples on every
+    rank (each forward all-gathers the weights): the same seed and weights give every rank the same tokens, so they
+    run the same number of forwards; rank 0's texts are kept."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), autocast:
             evals = {f"eval_{k}": all_reduce_mean(v, device) for k, v in (evaluate(model) if evaluate else {}).items()}
-            texts = sample(model) if (sample is not None and get_rank() == 0) else None
+            texts = sample(model) if (sample is not None and (get_rank() == 0 or is_sharded(model))) else None
+            texts = texts if get_rank() == 0 else None
     finally:
         model.train(was_training)
     return evals, texts

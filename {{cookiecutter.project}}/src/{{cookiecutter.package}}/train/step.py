@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .distributed import gradient_sync
+
 
 class NonFiniteError(FloatingPointError):
     """The one error for NaN/Inf in training: a step's loss or gradient norm (that update was skipped, so the weights
@@ -117,9 +119,10 @@ def train_step(
     Args:
         model: anything whose ``forward(**batch)`` returns an object with ``.loss``, the mean over the batch's
             targets as :func:`count_targets` counts them (our ``LlamaLM`` and classifiers, a transformers causal LM,
-            a peft-wrapped model), optionally wrapped in DDP and/or ``torch.compile``.
-        micro_batches: the step's batches, already on the model's device, each with ``labels``. Under DDP
-            gradients are all-reduced only once, on the last micro-batch (``no_sync`` for the others).
+            a peft-wrapped model), optionally wrapped in DDP or sharded by FSDP2, and/or ``torch.compile``.
+        micro_batches: the step's batches, already on the model's device, each with ``labels``. Under DDP and
+            FSDP gradients are reduced over the ranks only once, on the last micro-batch
+            (:func:`.distributed.gradient_sync`).
         optimizer, scheduler: stepped once; the scheduler may be ``None``.
         grad_clip: max global grad norm; ``0`` disables clipping (the norm is still measured and returned).
         autocast: a *reusable* context manager entered around every forward, e.g. ``torch.autocast("cuda",
@@ -143,14 +146,12 @@ def train_step(
     # Counted before any forward, in one reduction: every weight below needs the whole step's number of targets.
     totals = torch.stack([targets.sum(), torch.as_tensor(tokens, device=device, dtype=torch.float32)])
     world = _sum_over_ranks(totals)
-    # A micro-batch's mean loss times its share of the step's targets is its part of the step's mean loss. DDP
-    # divides the summed gradients by the world size, so each rank's part is multiplied by it to cancel that.
+    # A micro-batch's mean loss times its share of the step's targets is its part of the step's mean loss. DDP and
+    # FSDP divide the summed gradients by the world size, so each rank's part is multiplied by it to cancel that.
     weights = targets * world / totals[0]
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
-    no_sync = getattr(model, "no_sync", None)  # DistributedDataParallel only
     for i, batch in enumerate(micro_batches):
-        sync_ctx = no_sync() if (no_sync is not None and i < n - 1) else contextlib.nullcontext()
-        with sync_ctx:
+        with gradient_sync(model, i == n - 1):  # one all-reduce / reduce-scatter per step, on the last micro-batch
             with autocast:
                 out = model(**batch)
             loss = getattr(out, "loss", None)
@@ -170,7 +171,10 @@ def train_step(
         on_gradients()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     max_norm = grad_clip if grad_clip > 0 else float("inf")  # inf: measure the norm without clipping
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).float()  # a device scalar: no sync
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # a device scalar: no sync
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor, the norm over every rank's shards
+        grad_norm = grad_norm.full_tensor()
+    grad_norm = grad_norm.float()
     finite = torch.isfinite(mean_loss) & torch.isfinite(grad_norm)
     result = StepResult(
         loss=mean_loss, grad_norm=grad_norm, lr=float(optimizer.param_groups[0]["lr"]), tokens=totals[1], finite=finite

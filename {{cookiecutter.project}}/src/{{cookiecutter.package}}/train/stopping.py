@@ -29,7 +29,6 @@ from ..config import ConfigError, EarlyStoppingConfig
 from . import checkpoint as ckpt
 from .distributed import all_gather_object, get_rank, notice
 from .manifest import find_damage
-from .state import load_model_weights
 
 MINIMIZED = ("loss", "perplexity")  # metrics that improve downwards; every other one (accuracy, F1, ...) upwards
 
@@ -203,7 +202,7 @@ def restore_best(root: Path, model: nn.Module, watch: Watch, last_step: int) -> 
     if path is None:
         notice(f"notice: keeping the weights of step {last_step}: the best checkpoint cannot be read")
         return None
-    load_model_weights(model, path / ckpt.MODEL_FILE)
+    ckpt.load_weights(path, model)
     notice(
         f"early stopping: restored the best checkpoint {path} (validation {watch.cfg.metric} {watch.state.best:.4g}): "
         f"the final evaluation and exports use it, not step {last_step}"
