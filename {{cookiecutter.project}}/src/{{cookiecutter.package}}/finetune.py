@@ -48,6 +48,7 @@ from .lora import (
     check_qlora,
     count_parameters,
     generate_ids,
+    load_adapter,
     load_model,
     max_input_len,
     merge_and_save,
@@ -58,9 +59,10 @@ from .lora import (
 from .metrics import CLASSIFIER_METRICS, LOSS_METRICS, TokenLossMeter, perplexity, scalar_metrics
 from .model.transformer import ClassifierOutput
 from .runtime import RunContext, check_resume_labels, training_run
-from .train.distributed import barrier, resolve_device, unwrap, wrap_ddp
+from .train.distributed import barrier, get_rank, is_sharded, resolve_device, unwrap, wrap_ddp, wrap_fsdp
 from .train.logger import history_result, report_final
 from .train.loop import Job, evaluate_classifier, fit, to_device
+from .train.sharded import full_state_dict
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -94,6 +96,18 @@ def peft_model_of(model: nn.Module) -> nn.Module:
     """The peft model inside the (DDP-unwrapped) training module."""
     model = unwrap(model)
     return model.model if isinstance(model, ClassifierWithLoss) else model
+
+
+def save_adapter(model: nn.Module, directory: Path) -> None:
+    """peft's adapter files (adapter_config.json, adapter_model.safetensors) of the training ``model``, written by
+    rank 0. A sharded model's trainable weights are gathered there first, so every rank calls this then."""
+    peft_model = peft_model_of(model)
+    if not is_sharded(unwrap(model)):
+        peft_model.save_pretrained(str(directory))
+        return
+    state = full_state_dict(peft_model, trainable_only=True)  # the adapters (and a classifier's head): megabytes
+    if get_rank() == 0:
+        peft_model.save_pretrained(str(directory), state_dict=state)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -294,16 +308,15 @@ def run(cfg: FinetuneConfig, dbg: DebugConfig | None = None) -> dict:
                 sample=make_sft_sampler(tokenizer, cfg, info.device) if cfg.task == "sft" else None,
                 config=cfg,
                 extra_state={"labels": labels, "task": cfg.task, "base_model": base},
-                save_model=lambda m, d: peft_model_of(m).save_pretrained(str(d / ADAPTER_DIR)),
+                save_model=lambda m, d: save_adapter(m, d / ADAPTER_DIR),
             ),
         )
 
         result: dict[str, Any] = {}
-        if info.is_main:
-            autocast = run.setup.autocast
-            result = finish(cfg, run_dir, model, tokenizer, data, history, base, counts, evaluate_fn, autocast)
+        if info.is_main or is_sharded(model):  # a sharded model's forwards and gathers need every rank
+            result = finish(cfg, run_dir, model, tokenizer, data, history, (base, counts), evaluate_fn, run.setup)
         barrier()
-        return result
+        return result if info.is_main else {}
 
 
 def build_model(cfg: FinetuneConfig, run: RunContext, base: str | None, raw: tuple, labels: list[str] | None):
@@ -333,24 +346,26 @@ def build_model(cfg: FinetuneConfig, run: RunContext, base: str | None, raw: tup
         model = ClassifierWithLoss(model, data.class_weights)
     if cfg.lora.qlora:  # a 4-bit model is placed by its device_map; bitsandbytes' layers stay eager
         print("compile: off (QLoRA: bitsandbytes 4-bit layers run eager)", file=sys.stderr)
-        model = wrap_ddp(model, info)
+        model = wrap_fsdp(model, info, run.setup.dtype) if run.parallel == "fsdp" else wrap_ddp(model, info)
     else:
         model = run.wrap(model.to(info.device), cfg.train.compile)
     return model, tokenizer, data, counts, base
 
 
-def finish(cfg, run_dir, model, tokenizer, data, history, base, counts, evaluate_fn, autocast) -> dict:
+def finish(cfg, run_dir, model, tokenizer, data, history, origin, evaluate_fn, setup) -> dict:
     """Save the adapter (+ tokenizer, label map), evaluate on the whole validation set (under the training run's
-    ``autocast``, as fit's evaluations were), write metrics, merge."""
-    peft_model = peft_model_of(model)
+    autocast, as fit's evaluations were), write metrics, merge. ``origin``: (base model, (trainable, total)
+    parameters). Rank 0 writes; a sharded model runs this on every rank (its forwards and gathers are collective)."""
+    (base, counts), main = origin, get_rank() == 0
     adapter_dir = run_dir / ADAPTER_DIR
-    peft_model.save_pretrained(str(adapter_dir))
-    tokenizer.save_pretrained(str(adapter_dir))
+    save_adapter(model, adapter_dir)
     stop_ids = sft_data.stop_token_ids(tokenizer) if cfg.task == "sft" else None
-    if stop_ids:  # for peft users: the base model's generation config knows eos, not the template's end of turn
-        save_stop_ids(adapter_dir, stop_ids)
-    if data.labels is not None:
-        cls_data.LabelMap(data.labels).save(adapter_dir)
+    if main:
+        tokenizer.save_pretrained(str(adapter_dir))
+        if stop_ids:  # for peft users: the base model's generation config knows eos, not the template's end of turn
+            save_stop_ids(adapter_dir, stop_ids)
+        if data.labels is not None:
+            cls_data.LabelMap(data.labels).save(adapter_dir)
 
     raw_model = unwrap(model)
     result: dict[str, Any] = {
@@ -363,12 +378,16 @@ def finish(cfg, run_dir, model, tokenizer, data, history, base, counts, evaluate
     if data.val:
         raw_model.eval()
         device = next(raw_model.parameters()).device
-        with autocast:
+        with setup.autocast:
             result["eval"] = evaluate_fn(raw_model, data, cfg.train.batch_size, device)
         raw_model.train()
-    report_final(run_dir, result, cfg.train.logger)
-
-    if cfg.merge:
+    if main:
+        report_final(run_dir, result, cfg.train.logger)
+    if cfg.merge and main:
+        peft_model = peft_model_of(model)
+        if is_sharded(raw_model):  # rank 0 merges an unsharded copy on its CPU: the base once, plus the adapter
+            base_model = load_model(base, cfg.task, labels=data.labels, settings=cfg.lora, trust_remote_code=cfg.trust_remote_code)[0]
+            peft_model = load_adapter(base_model, adapter_dir)
         out = merge_and_save(peft_model, run_dir / MERGED_DIR, tokenizer, stop_ids)
         print(f"merged model written to {out}", flush=True)
     return result

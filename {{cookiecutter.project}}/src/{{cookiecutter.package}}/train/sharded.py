@@ -52,9 +52,14 @@ def _options(model: nn.Module) -> StateDictOptions:
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
     """What a sharded checkpoint holds, as this rank's tensors (DTensor shards, or whole) keyed by parameter name."""
     if optimizer is None:
-        return {"model": get_model_state_dict(model, options=_options(model))}
-    model_state, optim_state = get_state_dict(model, optimizer, options=_options(model))
-    return {"model": model_state, "optimizer": optim_state}
+        state = {"model": get_model_state_dict(model, options=_options(model))}
+    else:
+        model_state, optim_state = get_state_dict(model, optimizer, options=_options(model))
+        state = {"model": model_state, "optimizer": optim_state}
+    # ignore_frozen_params misses the second name of a tied frozen weight (a LoRA base's lm_head): drop it too
+    frozen = {n.replace("_orig_mod.", "") for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    state["model"] = {k: v for k, v in state["model"].items() if k not in frozen}
+    return state
 
 
 def save_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
