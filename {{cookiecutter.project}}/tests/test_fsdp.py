@@ -22,10 +22,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
 from {{ cookiecutter.package }} import pretrain
-from {{ cookiecutter.package }}.config import OptimConfig
+from {{ cookiecutter.package }}.config import LoraSettings, OptimConfig
+from {{ cookiecutter.package }}.lora import apply_lora, load_model, merge_and_save
 from {{ cookiecutter.package }}.model.hf import export_hf, import_hf
 from {{ cookiecutter.package }}.model.lm import LlamaLM
 from {{ cookiecutter.package }}.train import checkpoint as ckpt
@@ -189,9 +191,9 @@ def test_fsdp_two_ranks_match_one_process_and_export_the_same_model(
 def test_fsdp_resumes_two_ranks_then_one_process_then_two_ranks(tmp_path, pretrain_args, subprocess_env, package_name):
     """2 ranks save at step 2 -> one process continues from that checkpoint (the same global batch by accumulation)
     and saves step 3 -> 2 ranks continue from that. The learning-rate schedule continues exactly; each continued loss is
-    within 2% of the uninterrupted run's: the state moves exactly (test above), the windows do not, because each world
+    within 1% of the uninterrupted run's: the state moves exactly (test above), the windows do not, because each world
     size reads its own share of the corpus from a saved position (the data position across world sizes is
-    TokenWindows')."""
+    TokenWindows'): measured 0.04-0.7% apart, while a step moves the loss by up to 0.7%."""
     common = [*_common(pretrain_args, 4), "--train.parallel", "fsdp"]
     module = f"{package_name}.pretrain"
     runs = tmp_path / "runs"
@@ -208,7 +210,7 @@ def test_fsdp_resumes_two_ranks_then_one_process_then_two_ranks(tmp_path, pretra
     for record in steps["one"] + steps["again"]:
         reference = uninterrupted[record["step"]]
         assert record["lr"] == reference["lr"]
-        assert record["loss"] == pytest.approx(reference["loss"], rel=0.02)
+        assert record["loss"] == pytest.approx(reference["loss"], rel=0.01)
     assert len(list((runs / "one" / "checkpoints" / "step-000003" / "sharded").glob("*.distcp"))) == 1
 
 
@@ -226,3 +228,35 @@ def test_two_nodes_on_loopback_ddp_and_fsdp(tmp_path, pretrain_args, subprocess_
     assert len(_metrics(runs / "fsdp")) == 2 and _metrics(runs / "fsdp") == pytest.approx(_metrics(runs / "ddp"), rel=1e-4)
     assert len(list((runs / "fsdp" / "checkpoints" / "step-000002" / "sharded").glob("*.distcp"))) == 2
     assert (runs / "ddp" / "checkpoints" / "step-000002" / ckpt.MODEL_FILE).is_file()
+
+
+@pytest.mark.slow
+def test_lora_under_fsdp_trains_only_the_adapters_and_merges_like_one_process(
+    tmp_path, ft_hf_dir, subprocess_env, package_name
+):
+    """SFT with LoRA on 2 ranks, the frozen base sharded with its adapters: the sharded checkpoints hold the adapters
+    alone, the merged hf/ export differs from the base only in the adapted projections, and it is bit-identical to
+    merging the last checkpoint's shards into the base in one process."""
+    args = ["--base_model", str(ft_hf_dir), "--out_dir", str(tmp_path / "runs"), "--name", "lora", "--merge", "true",
+            "--train.parallel", "fsdp", "--train.max_steps", "3", "--train.batch_size", "4", "--train.save_every", "3",
+            "--train.eval_every", "3", "--train.device", "cpu", "--train.precision", "fp32", "--train.logger", "none",
+            "--optim.lr", "1e-2", "--optim.warmup_steps", "0", "--data.max_seq_len", "64",
+            "--sample.max_new_tokens", "4"]  # fmt: skip
+    _torchrun(TWO_RANKS, f"{package_name}.finetune", args, subprocess_env)
+    run_dir = tmp_path / "runs" / "lora"
+    assert len(_metrics(run_dir)) == 3
+
+    last = run_dir / "checkpoints" / "step-000003"
+    saved = FileSystemReader(str(last / "sharded")).read_metadata().state_dict_metadata
+    weights = [k for k in saved if k.startswith("model.")]
+    assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights), weights
+
+    model, tokenizer = load_model(ft_hf_dir, "sft")
+    peft_model = apply_lora(model, LoraSettings(), "sft")
+    ckpt.load_checkpoint(last, peft_model, restore_rng=False)
+    reference = load_file(merge_and_save(peft_model, tmp_path / "unsharded", tokenizer) / "model.safetensors")
+    merged, base = load_file(run_dir / "hf" / "model.safetensors"), load_file(ft_hf_dir / "model.safetensors")
+    assert merged.keys() == reference.keys() == base.keys()
+    assert all(torch.equal(merged[name], reference[name]) for name in merged)
+    changed = {name for name in merged if not torch.equal(merged[name], base[name])}
+    assert changed == {name for name in base if name.endswith(("q_proj.weight", "v_proj.weight"))}
