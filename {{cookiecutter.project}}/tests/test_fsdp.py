@@ -9,7 +9,10 @@ only moved (checkpoint -> another world size, shards -> an export) must be bit-i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
+import functools
+import importlib
 import json
 import os
 import socket
@@ -26,7 +29,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
 from {{ cookiecutter.package }} import pretrain
-from {{ cookiecutter.package }}.config import LoraSettings, OptimConfig
+from {{ cookiecutter.package }}.config import LoraSettings, OptimConfig, parse_config
 from {{ cookiecutter.package }}.lora import apply_lora, load_model, merge_and_save
 from {{ cookiecutter.package }}.model.hf import export_hf, import_hf
 from {{ cookiecutter.package }}.model.lm import LlamaLM
@@ -88,6 +91,7 @@ def _on_two_ranks(rank: int, store: str, config, root: Path, phase: str) -> None
     os._exit(0)  # no teardown: freeing a gloo group can deadlock (see test_distributed)
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_reloads_exactly_at_another_world_size(tmp_path, tiny_model_config):
     """2 ranks save their shards -> 1 process (no process group) loads them into a plain model and AdamW, trains a
     step and saves -> 2 ranks load that into a sharded model: the weights and the optimizer state are exact at every
@@ -125,6 +129,66 @@ def test_a_ddp_checkpoint_is_refused_by_a_sharded_model_with_one_line(tmp_path, 
         ckpt.load_checkpoint(tmp_path / "step-000001", tiny_model)
 
 
+def _compiled_fsdp_steps(rank: int, store: str, config, out: Path) -> None:
+    """Gloo rank ``rank`` of 2: two steps of 2 accumulated micro-batches on FSDP2 over blocks that are checkpointed
+    and compiled; rank 0 writes the losses and the gathered weights."""
+    torch.set_num_threads(1)
+    timeout = datetime.timedelta(seconds=120)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=timeout)
+    torch.manual_seed(0)
+    compile_block = functools.partial(torch.compile, fullgraph=True, backend="aot_eager")  # no C++ toolchain needed
+    model = D.wrap_fsdp(LlamaLM(config), D.DistInfo(rank=rank, world_size=2), compile_block=compile_block)
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-2, warmup_steps=0))
+    losses = []
+    for step in (1, 2):
+        micro = _batches(10 * step + rank)
+        kwargs = {"grad_clip": 0.5, "autocast": contextlib.nullcontext(), "step": step}
+        losses.append(float(train_step(model, micro, optimizer, None, **kwargs).loss))
+    weights = full_state_dict(model)
+    if rank == 0:
+        block = model.layers[0]  # a compiled block (the compile wrapper), sharded on its own
+        shape = [hasattr(block, "_orig_mod"), D.is_sharded(block), D.is_compiled(model), D.is_sharded(model)]
+        torch.save({"losses": losses, "weights": weights, "shape": shape}, out)
+    dist.barrier()
+    os._exit(0)
+
+
+@pytest.mark.slow
+def test_fsdp_with_compiled_checkpointed_blocks_matches_one_process(tmp_path, tiny_model_config):
+    """torch.compile and activation checkpointing on every block, then fully_shard (torchtitan's order), with
+    accumulation (no reduce-scatter on the first micro-batch) and clipping of DTensor gradients: the losses and the
+    weights of 2 ranks equal one process that takes both ranks' micro-batches in each step (rel 1e-5 / 1e-4)."""
+    config = dataclasses.replace(tiny_model_config, activation_checkpointing=True)
+    out = tmp_path / "fsdp.pt"
+    mp.spawn(_compiled_fsdp_steps, args=(str(tmp_path / "store"), config, out), nprocs=2)
+    got = torch.load(out, weights_only=True)
+    assert got["shape"] == [True, True, True, True]
+
+    torch.manual_seed(0)
+    model = LlamaLM(config)
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-2, warmup_steps=0))
+    for step in (1, 2):
+        micro = _batches(10 * step) + _batches(10 * step + 1)
+        kwargs = {"grad_clip": 0.5, "autocast": contextlib.nullcontext(), "step": step}
+        loss = float(train_step(model, micro, optimizer, None, **kwargs).loss)
+        assert got["losses"][step - 1] == pytest.approx(loss, rel=1e-5)
+    assert got["weights"].keys() == model.state_dict().keys()  # names without the compile wrapper's _orig_mod
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(got["weights"][name], tensor, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("program", ["vision", "speech"])
+def test_fsdp_is_refused_by_programs_whose_exports_it_would_not_gather(program, capsys):
+    module = importlib.import_module(f"{{ cookiecutter.package }}.config.{program}")
+    cls = next(c for c in vars(module).values() if isinstance(c, type) and getattr(c, "debug_section", "") == program)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(cls, ["--train.parallel", "fsdp"])
+    assert exit_info.value.code == 2
+    expected = "error: train.parallel='fsdp' is invalid: expected ddp for this program's models"
+    assert capsys.readouterr().err.strip() == expected
+    assert parse_config(cls, [])[0].train.parallel == "ddp"
+
+
 # ---- the entry points under torchrun --------------------------------------------------------------------------------
 
 
@@ -155,8 +219,9 @@ def _metrics(run_dir: Path, key: str = "loss") -> list[float]:
 
 def _common(pretrain_args: list[str], steps: int) -> list[str]:
     """Sequential windows: 2 ranks x batch 2 x accumulation a read the windows 1 process x batch 2 x 2a reads."""
-    return [*pretrain_args, "--data.sampling", "sequential", "--train.max_steps", str(steps), "--train.batch_size",
-            "2", "--train.eval_every", str(steps), "--sample.max_new_tokens", "4", "--train.grad_stats", "true"]  # fmt: skip
+    return [*pretrain_args, "--data.sampling", "sequential", "--train.max_steps", str(steps),
+            "--train.batch_size", "2", "--train.eval_every", str(steps), "--sample.max_new_tokens", "4",
+            "--train.grad_stats", "true"]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -225,7 +290,8 @@ def test_two_nodes_on_loopback_ddp_and_fsdp(tmp_path, pretrain_args, subprocess_
         args = [*common, "--train.parallel", parallel, "--name", parallel]
         _torchrun(launch, f"{package_name}.pretrain", args, subprocess_env, agents=2)
     runs = tmp_path / "runs"
-    assert len(_metrics(runs / "fsdp")) == 2 and _metrics(runs / "fsdp") == pytest.approx(_metrics(runs / "ddp"), rel=1e-4)
+    fsdp, ddp = _metrics(runs / "fsdp"), _metrics(runs / "ddp")
+    assert len(fsdp) == 2 and fsdp == pytest.approx(ddp, rel=1e-4)
     assert len(list((runs / "fsdp" / "checkpoints" / "step-000002" / "sharded").glob("*.distcp"))) == 2
     assert (runs / "ddp" / "checkpoints" / "step-000002" / ckpt.MODEL_FILE).is_file()
 

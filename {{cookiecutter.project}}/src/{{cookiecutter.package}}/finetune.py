@@ -386,8 +386,8 @@ def finish(cfg, run_dir, model, tokenizer, data, history, origin, evaluate_fn, s
     if cfg.merge and main:
         peft_model = peft_model_of(model)
         if is_sharded(raw_model):  # rank 0 merges an unsharded copy on its CPU: the base once, plus the adapter
-            base_model = load_model(base, cfg.task, labels=data.labels, settings=cfg.lora, trust_remote_code=cfg.trust_remote_code)[0]
-            peft_model = load_adapter(base_model, adapter_dir)
+            kwargs = {"labels": data.labels, "settings": cfg.lora, "trust_remote_code": cfg.trust_remote_code}
+            peft_model = load_adapter(load_model(base, cfg.task, **kwargs)[0], adapter_dir)
         out = merge_and_save(peft_model, run_dir / MERGED_DIR, tokenizer, stop_ids)
         print(f"merged model written to {out}", flush=True)
     return result

@@ -90,9 +90,8 @@ class GradHealth:
             return
         weights, updates = [], []
         for params in self.params:
-            weights.append(
-                torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(_local(p.detach()).float()) for p in params]))
-            )
+            norms = [torch.linalg.vector_norm(_local(p.detach()).float()) for p in params]
+            weights.append(torch.linalg.vector_norm(torch.stack(norms)))
             updates.append(torch.linalg.vector_norm(torch.stack([self._update_norm(p) for p in params])))
         weights, updates = self._over_ranks(torch.stack(weights)), self._over_ranks(torch.stack(updates))
         self.pending = (step, self._grads, weights, updates, self._samples)

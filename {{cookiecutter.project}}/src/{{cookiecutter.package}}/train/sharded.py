@@ -57,7 +57,8 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
         model_state, optim_state = get_state_dict(model, optimizer, options=_options(model))
         state = {"model": model_state, "optimizer": optim_state}
     # ignore_frozen_params misses the second name of a tied frozen weight (a LoRA base's lm_head): drop it too
-    frozen = {n.replace("_orig_mod.", "") for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    named = model.named_parameters(remove_duplicate=False)
+    frozen = {name.replace("_orig_mod.", "") for name, p in named if not p.requires_grad}
     state["model"] = {k: v for k, v in state["model"].items() if k not in frozen}
     return state
 
