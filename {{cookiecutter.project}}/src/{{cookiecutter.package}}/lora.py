@@ -167,6 +167,9 @@ def _quantization_kwargs(settings: LoraSettings) -> dict[str, Any]:
             bnb_4bit_quant_type="nf4",  # the QLoRA paper's normal-float 4-bit
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
+            # the packed 4-bit weights in bf16 tensors, not uint8: FSDP2 shards them like the other bf16 weights
+            # (transformers' FSDP-QLoRA recipe); one process or DDP computes the same either way
+            bnb_4bit_quant_storage=torch.bfloat16,
         ),
         "device_map": {"": torch.cuda.current_device()},
     }
