@@ -9,6 +9,7 @@ checkpoints into ``runs/<name>/checkpoints`` and finally exports a transformers 
     python -m <package>.pretrain --config configs/pretrain.yaml --train.max_steps 20 --train.resume auto
     python -m <package>.pretrain --debug --debugpy 5678 --wait-for-client      # attach VS Code, then step
     torchrun --nproc_per_node=2 -m <package>.pretrain --config configs/pretrain.yaml
+    torchrun --nproc_per_node=8 -m <package>.pretrain --config configs/pretrain.yaml --train.parallel fsdp  # sharded
 
 Exit codes: 0 done, 2 bad input (config, data path, vocab size, existing run), 1 non-finite loss.
 """
