@@ -235,29 +235,38 @@ def _common(pretrain_args: list[str], steps: int) -> list[str]:
 
 
 @pytest.mark.slow
-def test_fsdp_two_ranks_match_one_process_and_export_the_same_model(
-    tmp_path, pretrain_args, subprocess_env, package_name
-):
-    """FSDP2 on 2 ranks with activation checkpointing and 2 accumulated micro-batches (no reduce-scatter on the
-    first) == one plain process accumulating the same 8 windows: losses to rel 1e-4, weights to rel 1e-4. Its hf/
-    export, gathered from the shards on rank 0, is bit-identical to the export of its last checkpoint by one process."""
-    common = [*_common(pretrain_args, 4), "--train.save_every", "4", "--export_hf", "true"]
-    fsdp_args = ["--train.parallel", "fsdp", "--model.activation_checkpointing", "true", "--train.grad_accum", "2"]
-    _torchrun(TWO_RANKS, f"{package_name}.pretrain", [*common, *fsdp_args, "--name", "fsdp"], subprocess_env)
+def test_ddp_and_fsdp_on_two_loopback_nodes_match_one_process(tmp_path, pretrain_args, subprocess_env, package_name):
+    """Two torchrun agents on one machine (--nnodes=2, one process each, c10d rendezvous on 127.0.0.1: the multi-node
+    command) train with ddp, and with FSDP2 over activation-checkpointed blocks; both accumulate 2 micro-batches (no
+    all-reduce / reduce-scatter on the first), and one plain process accumulates the same 8 windows per step. Losses
+    agree to rel 1e-4, exported weights to rel 1e-4 / abs 1e-6. The fsdp run's hf/ export, gathered from the shards
+    on rank 0, is bit-identical to the export of its last checkpoint by one process."""
+    common = [*_common(pretrain_args, 4), "--train.save_every", "4", "--export_hf", "true", "--train.grad_accum", "2"]
+    for parallel in ("ddp", "fsdp"):
+        launch = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_id={parallel}",
+                  f"--rdzv_endpoint=127.0.0.1:{_free_port()}"]  # fmt: skip
+        args = [*common, "--train.parallel", parallel, "--name", parallel]
+        args += ["--model.activation_checkpointing", "true"] if parallel == "fsdp" else []
+        _torchrun(launch, f"{package_name}.pretrain", args, subprocess_env, agents=2)
     pretrain.main([*common, "--train.grad_accum", "4", "--name", "single"])
 
-    fsdp, single = tmp_path / "runs" / "fsdp", tmp_path / "runs" / "single"
-    assert len(_metrics(fsdp)) == 4 and _metrics(fsdp) == pytest.approx(_metrics(single), rel=1e-4)
-    exported, reference = load_file(fsdp / "hf" / "model.safetensors"), load_file(single / "hf" / "model.safetensors")
-    assert exported.keys() == reference.keys()
-    for name, tensor in exported.items():
-        torch.testing.assert_close(tensor, reference[name], rtol=1e-4, atol=1e-6)
+    runs = tmp_path / "runs"
+    reference = load_file(runs / "single" / "hf" / "model.safetensors")
+    for parallel in ("ddp", "fsdp"):
+        assert len(_metrics(runs / parallel)) == 4
+        assert _metrics(runs / parallel) == pytest.approx(_metrics(runs / "single"), rel=1e-4), parallel
+        exported = load_file(runs / parallel / "hf" / "model.safetensors")
+        assert exported.keys() == reference.keys()
+        for name, tensor in exported.items():
+            torch.testing.assert_close(tensor, reference[name], rtol=1e-4, atol=1e-6)
+    assert (runs / "ddp" / "checkpoints" / "step-000004" / ckpt.MODEL_FILE).is_file()
 
-    last = fsdp / "checkpoints" / "step-000004"
+    last = runs / "fsdp" / "checkpoints" / "step-000004"
     assert len(list((last / "sharded").glob("*.distcp"))) == 2 and not (last / ckpt.MODEL_FILE).exists()
-    model = import_hf(single / "hf")  # the shape; the checkpoint overwrites every weight
+    model = import_hf(runs / "single" / "hf")  # the shape; the checkpoint overwrites every weight
     ckpt.load_checkpoint(last, model, restore_rng=False)
     unsharded = load_file(export_hf(model, tmp_path / "unsharded") / "model.safetensors")
+    exported = load_file(runs / "fsdp" / "hf" / "model.safetensors")
     assert unsharded.keys() == exported.keys()
     assert all(torch.equal(unsharded[name], tensor) for name, tensor in exported.items())
 
@@ -287,23 +296,6 @@ def test_fsdp_resumes_two_ranks_then_one_process_then_two_ranks(tmp_path, pretra
         assert record["lr"] == reference["lr"]
         assert record["loss"] == pytest.approx(reference["loss"], rel=0.01)
     assert len(list((runs / "one" / "checkpoints" / "step-000003" / "sharded").glob("*.distcp"))) == 1
-
-
-@pytest.mark.slow
-def test_two_nodes_on_loopback_ddp_and_fsdp(tmp_path, pretrain_args, subprocess_env, package_name):
-    """Two torchrun agents on one machine (--nnodes=2, one process each, c10d rendezvous on 127.0.0.1) train ddp
-    and fsdp to the same losses (rel 1e-4); rank 0 writes, the fsdp checkpoint holds one shard per node."""
-    common = [*_common(pretrain_args, 2), "--train.save_every", "2"]
-    for parallel in ("ddp", "fsdp"):
-        launch = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_id={parallel}",
-                  f"--rdzv_endpoint=127.0.0.1:{_free_port()}"]  # fmt: skip
-        args = [*common, "--train.parallel", parallel, "--name", parallel]
-        _torchrun(launch, f"{package_name}.pretrain", args, subprocess_env, agents=2)
-    runs = tmp_path / "runs"
-    fsdp, ddp = _metrics(runs / "fsdp"), _metrics(runs / "ddp")
-    assert len(fsdp) == 2 and fsdp == pytest.approx(ddp, rel=1e-4)
-    assert len(list((runs / "fsdp" / "checkpoints" / "step-000002" / "sharded").glob("*.distcp"))) == 2
-    assert (runs / "ddp" / "checkpoints" / "step-000002" / ckpt.MODEL_FILE).is_file()
 
 
 @pytest.mark.slow
