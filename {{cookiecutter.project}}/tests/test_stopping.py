@@ -1,7 +1,8 @@
 """Early stopping, the overfitting signal and the best checkpoint (train/stopping.py): an MLP that memorises noisy
 labels stops after its best validation loss and ends with the best weights, whose test loss beats the last step's;
 the stopping state resumes exactly; retention never prunes the best; a damaged pointer or checkpoint falls back
-safely; two gloo ranks take one decision; pretrain exports the best checkpoint (finetune: test_finetune.py)."""
+safely; two gloo ranks take one decision; pretrain exports the best checkpoint (finetune: test_finetune.py); sharded
+(fsdp) checkpoints keep and restore the best too."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from {{ cookiecutter.package }}.config.pretrain import PretrainConfig
 from {{ cookiecutter.package }}.model.transformer import ClassifierOutput
 from {{ cookiecutter.package }}.train import checkpoint as ckpt
 from {{ cookiecutter.package }}.train.loop import Job, RunSetup, evaluate_classifier, fit
+from {{ cookiecutter.package }}.train.sharded import is_sharded_checkpoint
 from {{ cookiecutter.package }}.train.stopping import Watch, direction, restore_best
 
 DIM = 5
@@ -193,6 +195,20 @@ def test_retention_never_prunes_the_best(overfit_run):
     run_dir, _, history = overfit_run
     kept = [p.name for p in ckpt.list_checkpoints(run_dir / "checkpoints")]
     assert kept == [ckpt.step_dir_name(history[-1]["weights_step"]), ckpt.step_dir_name(history[-1]["step"])]
+
+
+def test_sharded_checkpoints_keep_the_best_and_end_with_its_weights(tmp_path, noisy):
+    """``--train.parallel fsdp`` (here one process, which writes the same sharded format): retention keeps the best
+    checkpoint besides the last, and the run ends with the best weights, read back through DCP."""
+    model, history = _fit(tmp_path / "run", noisy, _cfg(keep_checkpoints=1, parallel="fsdp"))
+    root, best, stop = tmp_path / "run" / "checkpoints", history[-1]["weights_step"], history[-1]["step"]
+    kept = ckpt.list_checkpoints(root)
+    assert [p.name for p in kept] == [ckpt.step_dir_name(best), ckpt.step_dir_name(stop)] and best < stop
+    assert all(is_sharded_checkpoint(p) and not (p / ckpt.MODEL_FILE).exists() for p in kept)
+    for step, same in ((best, True), (stop, False)):
+        saved = MLP()
+        ckpt.load_weights(root / ckpt.step_dir_name(step), saved)
+        assert _same(_weights(model), _weights(saved)) is same
 
 
 def test_prune_keeps_the_checkpoint_best_names(tmp_path):
