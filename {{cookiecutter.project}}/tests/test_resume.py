@@ -186,6 +186,22 @@ def test_pretrain_refuses_a_named_damaged_checkpoint_and_auto_falls_back(tmp_pat
     assert _logged(run_dir) == straight
 
 
+def test_pretrain_refuses_to_resume_a_data_position_of_another_seq_len(tmp_path, pretrain_args, capsys):
+    pretrain.main([*pretrain_args, "--train.max_steps", "4"])  # checkpoint at step 4, seq_len 32
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        pretrain.main([*pretrain_args, "--data.seq_len", "16", "--train.resume", "auto"])
+    err = capsys.readouterr().err.splitlines()
+    assert refused.value.code == 2
+    assert re.fullmatch(
+        r"error: the checkpoint's data position is for data.sampling='random', train.seed=(\d+), data.seq_len=32, "
+        r"but this run has 'random', \1, 16: resume with the checkpoint's settings",
+        err[-1],
+    )
+    checkpoints = tmp_path / "runs" / "tiny" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-000004"]  # nothing written
+
+
 def test_a_resumed_run_hashes_its_checkpoint_once(tmp_path, pretrain_args, monkeypatch):
     from {{ cookiecutter.package }}.train import manifest
 
