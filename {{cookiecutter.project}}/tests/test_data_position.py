@@ -29,7 +29,10 @@ def _steps(ranks: list[TokenWindows], accum: int, steps: int) -> list[list[int]]
 
 
 def _resume(saved: TokenWindows, ranks: list[TokenWindows]) -> list[TokenWindows]:
-    state = json.loads(json.dumps(saved.state_dict()))  # plain JSON, as in trainer.pt
+    return _resume_from(json.loads(json.dumps(saved.state_dict())), ranks)  # plain JSON, as in trainer.pt
+
+
+def _resume_from(state: dict, ranks: list[TokenWindows]) -> list[TokenWindows]:
     for src in ranks:
         src.load_state_dict(state)
     return ranks
@@ -104,3 +107,9 @@ def test_a_position_of_other_settings_is_refused():
     assert torch.equal(  # a refused load leaves the position alone
         other.next_batch()["input_ids"], TokenWindows(TOKENS, 4, SEQ, mode="random", seed=5).next_batch()["input_ids"]
     )
+
+
+def test_a_per_rank_position_of_an_older_checkpoint_still_resumes():
+    uninterrupted = _steps(_ranks(2, 3), 1, 4)
+    old = {"mode": "sequential", "seed": 5, "step": 2}  # the format before the position was global
+    assert _steps(_resume_from(old, _ranks(2, 3)), 1, 2) == uninterrupted[2:]

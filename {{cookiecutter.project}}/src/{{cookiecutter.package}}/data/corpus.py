@@ -198,6 +198,9 @@ class TokenWindows:
         }  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
+        if "windows" not in state:  # written before the position was global: batches drawn per rank, same split
+            split = {"world_size": self.world_size, "batch_size": self.batch_size, "seq_len": self.seq_len}
+            state = state | split | {"windows": int(state["step"]) * self.batch_size * self.world_size}
         saved = {key: state.get(key) for key in ("mode", "seed", "seq_len")}
         if saved != {"mode": self.mode, "seed": self.seed, "seq_len": self.seq_len}:
             raise ConfigError(
