@@ -58,6 +58,7 @@ PACKAGE_MODULES = [
     "data/benchmark.py",
     "bench.py",
     "bench_timing.py",
+    "bench_loader.py",
     "model/attention.py",
     "model/transformer.py",
     "model/lm.py",

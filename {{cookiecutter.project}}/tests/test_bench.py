@@ -2,6 +2,7 @@
 
 import functools
 import json
+import os
 
 import pytest
 import torch
@@ -127,3 +128,24 @@ def test_lora_bench_tiny(capsys):
     assert rows[2]["ours_over_transformers"] == pytest.approx(rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"], 1e-2)
     # same base weights, same LoRA start, same batches and optimizer: the same losses
     assert rows[2]["loss_abs_diff"] < 1e-3
+
+
+def test_loader_bench_reports_every_sampling_and_restores_the_process(capsys, tmp_path):
+    threads = torch.get_num_threads()
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    args = ["--tokens", "200000", "--batch-size", "3", "--seq-len", "16", "--vocab-size", "70000"]
+    bench.main(["loader", *args, "--steps", "3", "--warmup", "1", "--repeats", "2", "--tmp-dir", str(tmp_path)])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert [r["sampling"] for r in rows] == ["random", "sequential", "floor", "random-cold", "summary"]
+    for row in rows[:4]:
+        assert row["bench"] == "loader" and row["threads"] == 1 and (row["batch_size"], row["seq_len"]) == (3, 16)
+        assert row["batches_per_s_min"] <= row["batches_per_s"] <= row["batches_per_s_max"]
+        assert row["timed_steps"] == (3 if row["sampling"] == "random-cold" else 6)  # 2 alternating rounds of 3
+    summary = rows[-1]
+    assert summary["file_mb"] == 0.8  # vocabulary above 65536: uint32, as the token cache stores it
+    assert summary["meets_target"] == (min(r["batches_per_s"] for r in rows[:2] + rows[3:4]) >= 30)
+    assert summary["random_ms_over_floor"] > 0 and summary["sequential_ms_over_floor"] > 0
+    assert ("pin_ms" in summary) == torch.cuda.is_available()  # else "transfer": "not measured: no CUDA device"
+    # the process is as it was: torch threads, CPU affinity, and no token file left behind
+    assert torch.get_num_threads() == threads and list(tmp_path.iterdir()) == []
+    assert cores is None or os.sched_getaffinity(0) == cores
