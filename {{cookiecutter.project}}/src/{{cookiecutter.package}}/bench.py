@@ -63,7 +63,7 @@ SHAPE_FLAGS = {
 }  # fmt: skip
 # The batch a preset is timed at: tiny, the default project's; the others nanoGPT's 12 x 1024 (GPT-2's context),
 # the shape GPU training loops are compared at.
-RUN_SHAPES = {"tiny": {"seq_len": 128, "batch_size": 16}}
+RUN_SHAPES = {"tiny": dict(seq_len=128, batch_size=16)}
 DEFAULT_RUN_SHAPE = {"seq_len": 1024, "batch_size": 12}
 
 

@@ -189,7 +189,7 @@ def format_plan(counts: Counts, run: Run, rows: list[dict[str, Any]], gpu_mem_gi
     lines = [
         f"{run.label}: {counts.params / 1e6:,.1f}M parameters ({counts.trainable / 1e6:,.2f}M trained), "
         f"micro-batch {run.batch_size} x {run.seq_len} tokens, {precision}",
-        f"{unit} per GPU; fits = total <= {budget:.1f} GiB ({HEADROOM:.0%} of {gpu_mem_gib:g} GiB)",
+        f"{unit} per GPU; fits = total <= {budget:.1f} GiB ({HEADROOM * 100:.0f}% of {gpu_mem_gib:g} GiB)",
         f"{'strategy':<16}{'params':>9}{'grads':>9}{'optim':>9}{'activ':>9}{'working':>9}{'total':>9}  fits",
     ]
     for r in rows:
