@@ -132,6 +132,10 @@ def test_clear_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config | {"rope_parameters": yarn, "rope_scaling": yarn}))
     with pytest.raises(ValueError, match="rope_type='yarn'"):
         import_hf(tmp_path)
+    partial = {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1000.0}  # no frequency band: not guessed
+    (tmp_path / "config.json").write_text(json.dumps(config | {"rope_parameters": partial, "rope_scaling": partial}))
+    with pytest.raises(ValueError, match="llama3 RoPE scaling without .'high_freq_factor'"):
+        import_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):

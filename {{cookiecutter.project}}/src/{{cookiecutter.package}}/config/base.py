@@ -74,8 +74,8 @@ class RopeScaling:
 class ModelConfig:
     """LlamaLM (model/lm.py): RMSNorm, rotary positions, grouped-query attention, SwiGLU."""
 
-    # a named shape from model/presets.py (tiny, gpt2-small, smollm2-135m, smollm2-360m, smollm2-1.7b, llama-3.2-1b):
-    # applied over these defaults and under everything else (--config files, the --debug profile, flags)
+    # a named shape from model/presets.py (e.g. smollm2-135m, llama-3.2-1b; a wrong name lists them all): applied over
+    # these defaults and under everything else (--config files, the --debug profile, flags)
     preset: str | None = None
     vocab_size: int = 4096
     dim: int = 256

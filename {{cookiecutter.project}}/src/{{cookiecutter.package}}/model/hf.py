@@ -138,6 +138,8 @@ def config_from_hf(cfg: dict[str, Any], source: str = "config.json") -> ModelCon
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
         problems.append(f"rope_type={rope_type!r} (default and llama3 RoPE are implemented)")
+    if rope_type == "llama3" and set(LLAMA3_KEYS) - set(rope):
+        problems.append(f"llama3 RoPE scaling without {sorted(set(LLAMA3_KEYS) - set(rope))}")
     if problems:
         raise ValueError(f"{source}: unsupported Llama variant: " + "; ".join(problems))
     return ModelConfig(
