@@ -148,7 +148,8 @@ def test_the_table_says_which_strategy_fits(capsys):
 
 @pytest.mark.parametrize(("preset", "published"), [("smollm2-135m", 134_515_008), ("llama-3.2-1b", 1_235_814_400)])
 def test_meta_counts_are_the_published_sizes(preset, published):
-    """The plan counts a meta-device build: no storage, the exact count (the models' cards give these)."""
+    """The plan counts a meta-device build: no storage, the exact count (the model cards round these to 135M and
+    1.24B)."""
     from {{ cookiecutter.package }}.model.presets import preset_fields
 
     with torch.device("meta"):

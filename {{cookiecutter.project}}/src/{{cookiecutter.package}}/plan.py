@@ -8,6 +8,7 @@ model is built on the meta device (shapes without storage) to count its paramete
 
 Every option of the program's config is accepted (``--model.preset``, ``--train.batch_size``, ...); the program is
 found from the config files (``base_model``, ``lora`` or ``task`` in one: finetune) or given with ``--program``.
+finetune has no checkpointing switch (yet): its "+ckpt" rows say what one would save.
 
 What is counted, per GPU, in bytes (P parameters, P_t of them trained, W GPUs, N = batch_size x seq_len tokens of one
 micro-batch, a = 2 under bf16 autocast, 4 in fp32; gradient accumulation adds no memory):

@@ -7,14 +7,16 @@ arguments. So ``--model.preset smollm2-135m --model.n_layers 12`` is SmolLM2-135
 preset's ``hidden_dim`` stays: give ``--model.hidden_dim`` too when you change ``dim``. In Python:
 ``ModelConfig(**preset_fields("smollm2-135m"))``.
 
-Sources (read 2026-12, the values of each model's ``config.json`` on the Hugging Face Hub):
+Sources: the models' ``config.json`` on the Hugging Face Hub, read (2026-12) through copies of them in public code
+(the Hub itself was out of reach): torchtune's ``models/smol`` builders and printed SmolLM2-135M configs for SmolLM2,
+a verbatim copy of meta-llama/Llama-3.2-1B(-Instruct)'s config for Llama 3.2. tests/test_plan.py pins the parameter
+counts they give (134,515,008 and 1,235,814,400: the model cards' 135M and 1.24B).
 - tiny: this project's default model (``ModelConfig``'s defaults; about 4M parameters).
 - gpt2-small: GPT-2 124M's shape (12 layers, width 768, 12 heads, 1024 positions) as a Llama: RoPE instead of learned
   positions, SwiGLU with the same parameter count as GPT-2's MLP, the vocabulary padded from 50257 to 50304 (a
   multiple of 64, as nanoGPT does). The shape GPU training loops are compared at.
 - smollm2-135m / smollm2-360m / smollm2-1.7b: HuggingFaceTB/SmolLM2-*/config.json (vocabulary 49152, 8192 positions,
-  rope_theta 1e5 (1.3e5 for 1.7B), tied embeddings, rms_norm_eps 1e-5), as torchtune's ``models/smol`` builders
-  also have them.
+  rope_theta 1e5 (1.3e5 for 1.7B), tied embeddings, rms_norm_eps 1e-5).
 - llama-3.2-1b: meta-llama/Llama-3.2-1B/config.json, with its ``llama3`` RoPE scaling (model/attention.py).
 """
 
