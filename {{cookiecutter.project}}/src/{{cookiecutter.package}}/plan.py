@@ -11,7 +11,7 @@ found from the config files (``base_model``, ``lora`` or ``task`` in one: finetu
 finetune has no checkpointing switch (yet): its "+ckpt" rows say what one would save.
 
 What is counted, per GPU, in bytes (P parameters, P_t of them trained, W GPUs, N = batch_size x seq_len tokens of one
-micro-batch, a = 2 under bf16 autocast, 4 in fp32; gradient accumulation adds no memory):
+micro-batch, a = 2 in bf16, 4 in fp32; gradient accumulation adds no memory):
 - parameters: fp32, 4 P under ddp, 4 P / W under fsdp. They are the master weights: autocast casts per operation and
   FSDP2's bf16 ``MixedPrecisionPolicy`` gathers bf16 copies for compute, so no other fp32 copy exists.
 - gradients: fp32, for trained parameters only (LoRA: the adapters): 4 P_t under ddp, twice that on more than one
@@ -19,6 +19,8 @@ micro-batch, a = 2 under bf16 autocast, 4 in fp32; gradient accumulation adds no
 - optimizer: AdamW's exp_avg and exp_avg_sq in fp32: 8 P_t, / W under fsdp.
 - activations: what autograd keeps from the forward pass for backward (:func:`activation_bytes`, the formula checked
   against torch's own accounting in tests/test_plan.py), plus, with checkpointing, one block recomputed in backward.
+  ddp's bf16 is autocast over fp32 weights (an fp32 residual stream, bf16 casts per Linear); fsdp's computes in the
+  bf16 weights the policy gathers (a bf16 residual stream, no casts).
 - working: ddp under bf16: the bf16 copies of the weights autocast makes (kept for backward); fsdp: the gathered
   unsharded parameters (the root module's, one block computing, one prefetched) and one unit's gradients before
   the reduce-scatter (an estimate); both: the loss's largest temporary (one chunk of fp32 logits).
@@ -80,22 +82,25 @@ def count_parameters(model: nn.Module) -> Counts:
     )
 
 
-def block_activation_bytes(cfg: ModelConfig, tokens: int, seq_len: int, autocast: bool) -> int:
-    """What one DecoderBlock keeps for backward (model/transformer.py), for ``tokens`` = B x T.
+def block_activation_bytes(cfg: ModelConfig, tokens: int, seq_len: int, compute: str) -> int:
+    """What one DecoderBlock keeps for backward (model/transformer.py), for ``tokens`` = B x T, when it computes in
+    ``compute``: "fp32", "autocast" (fp32 weights, bf16 matmuls: ddp's bf16) or "bf16" (bf16 weights: FSDP2's bf16
+    MixedPrecisionPolicy).
 
-    Each RMSNorm keeps its fp32 input, x * rstd and rstd (the residual stream is fp32: the embedding's dtype, and
-    x + bf16 promotes). Under autocast each Linear casts its input anew (q, k, v: 3 bf16 copies; gate, up: 2) and
-    rotary casts its cos/sin tables; in fp32 the two norm outputs are kept once each. SDPA keeps q, k, v, its output
-    (which o_proj's input is a view of) and the fp32 log-sum-exp; the MLP keeps gate, up, silu(gate) and the product.
+    Each RMSNorm keeps, in fp32 whatever the input, its input, x * rstd and rstd. Under autocast each Linear casts its
+    (fp32) input anew (q, k, v: 3 bf16 copies; gate, up: 2); otherwise the two norm outputs are kept once each. SDPA
+    keeps q, k, v, its output (which o_proj's input is a view of) and the fp32 log-sum-exp; the MLP keeps gate, up,
+    silu(gate) and the product; in bf16 rotary's cos/sin tables are kept as bf16 casts.
     """
-    a = 2 if autocast else 4
+    a = 4 if compute == "fp32" else 2
     n, c, f, head = tokens, cfg.dim, _hidden(cfg), cfg.dim // cfg.n_heads
     kv = cfg.n_kv_heads * head
     norms = 2 * (2 * 4 * n * c + 4 * n)
-    linear_inputs = 5 * a * n * c + 4 * seq_len * head * a if autocast else 2 * 4 * n * c
+    linear_inputs = (5 if compute == "autocast" else 2) * a * n * c
+    rope = 4 * seq_len * head * a if a == 2 else 0
     attention = a * n * (c + 2 * kv) + a * n * c + 4 * n * cfg.n_heads
     mlp = 4 * a * n * f
-    return norms + linear_inputs + attention + mlp
+    return norms + linear_inputs + rope + attention + mlp
 
 
 def _hidden(cfg: ModelConfig) -> int:
@@ -103,17 +108,19 @@ def _hidden(cfg: ModelConfig) -> int:
 
 
 def activation_bytes(
-    cfg: ModelConfig, batch: int, seq_len: int, autocast: bool, checkpointing: bool, hf_loss: bool = False
+    cfg: ModelConfig, batch: int, seq_len: int, compute: str, checkpointing: bool, hf_loss: bool = False
 ) -> dict[str, int]:
     """{"saved": kept at the end of forward, "recompute": one block rebuilt in backward (checkpointing),
-    "loss_temp": the loss's largest temporary} in bytes, for LlamaLM's forward with labels (model/lm.py).
+    "loss_temp": the loss's largest temporary} in bytes, for LlamaLM's forward with labels (model/lm.py), computing
+    in ``compute`` (:func:`block_activation_bytes`).
 
     ``hf_loss``: transformers' LlamaForCausalLM (what finetune trains) instead builds the whole logits [N, V]: its
     output keeps them (a bytes each) and cross-entropy keeps fp32 log-probabilities for backward, where the fused
     loss keeps d loss / d hidden [N, C] and d loss / d weight [V, C] (fp32)."""
-    n, a, v = batch * seq_len, 2 if autocast else 4, cfg.vocab_size
-    block = block_activation_bytes(cfg, n, seq_len, autocast)
-    per_block = 4 * n * cfg.dim if checkpointing else block  # checkpointing keeps each block's input only
+    n, a, v = batch * seq_len, 4 if compute == "fp32" else 2, cfg.vocab_size
+    block = block_activation_bytes(cfg, n, seq_len, compute)
+    residual = 2 if compute == "bf16" else 4  # the residual stream: fp32 under autocast (the embedding's dtype)
+    per_block = residual * n * cfg.dim if checkpointing else block  # checkpointing keeps each block's input only
     # outside the blocks: token ids, the final norm (as in a block), the loss
     outside = 8 * n + (2 * 4 * n * cfg.dim + 4 * n)
     if hf_loss:
@@ -137,7 +144,7 @@ class Run:
     model: ModelConfig
     batch_size: int  # micro-batch per GPU
     seq_len: int
-    autocast: bool  # bf16 autocast (train.precision auto / bf16 on a GPU), else fp32
+    bf16: bool  # train.precision auto (bf16 on any GPU that has it) or bf16; else fp32
     hf_loss: bool = False  # a fine-tune: transformers' model, whose loss keeps the whole logits
     label: str = ""  # what the header calls the model
 
@@ -146,20 +153,28 @@ def autocast_copies(counts: Counts, run: Run, checkpointing: bool) -> int:
     """The bf16 copies of the fp32 weights that autocast makes and autograd keeps for backward: the blocks' Linear
     weights (and transformers' lm_head, whose logits are a plain matmul); checkpointing drops them with the rest of
     the blocks' activations and recasts them block by block."""
-    if not run.autocast or checkpointing:
+    if not run.bf16 or checkpointing:
         return 0
     return 2 * (counts.matmul + (run.model.vocab_size * run.model.dim if run.hf_loss else 0))
+
+
+def compute(run: Run, parallel: str) -> str:
+    """How the blocks compute (:func:`block_activation_bytes`): ddp's bf16 is autocast over fp32 weights, fsdp's the
+    bf16 weights its MixedPrecisionPolicy gathers."""
+    if not run.bf16:
+        return "fp32"
+    return "autocast" if parallel == "ddp" else "bf16"
 
 
 def plan_row(counts: Counts, run: Run, parallel: str, gpus: int, checkpointing: bool) -> dict[str, Any]:
     """Bytes per GPU of one strategy: parameters, gradients, optimizer, activations, working, total."""
     shard = gpus if parallel == "fsdp" else 1
-    acts = activation_bytes(run.model, run.batch_size, run.seq_len, run.autocast, checkpointing, run.hf_loss)
+    acts = activation_bytes(run.model, run.batch_size, run.seq_len, compute(run, parallel), checkpointing, run.hf_loss)
     activations = acts["saved"] + acts["recompute"]
     if parallel == "ddp":
         working = autocast_copies(counts, run, checkpointing)
     else:  # FSDP2: the root unit's gathered params, one block computing and one prefetched, one unit's gradients
-        p_bytes = 2 if run.autocast else 4
+        p_bytes = 2 if run.bf16 else 4
         biggest = max(counts.root, counts.block)
         working = p_bytes * (counts.root + 2 * counts.block) + (p_bytes + 4) * biggest
     row = {
@@ -186,7 +201,7 @@ def format_plan(counts: Counts, run: Run, rows: list[dict[str, Any]], gpu_mem_gi
     strategy."""
     budget = HEADROOM * gpu_mem_gib
     unit, scale = ("GiB", GIB) if max(r["total"] for r in rows) >= GIB else ("MiB", 1024**2)
-    precision = "bf16 autocast" if run.autocast else "fp32"
+    precision = "bf16 (ddp: autocast, fsdp: bf16 weights)" if run.bf16 else "fp32"
     lines = [
         f"{run.label}: {counts.params / 1e6:,.1f}M parameters ({counts.trainable / 1e6:,.2f}M trained), "
         f"micro-batch {run.batch_size} x {run.seq_len} tokens, {precision}",
@@ -242,14 +257,14 @@ def finetune_model(cfg: FinetuneConfig, debug: bool) -> ModelConfig:
 
 def plan_inputs(cfg: Any, debug: bool) -> tuple[Counts, Run]:
     """Parameter counts (a meta-device build, LoRA adapters applied for a fine-tune) and the run's shape."""
-    autocast = cfg.train.precision != "fp32"  # auto: bf16 on any GPU that has it
+    bf16 = cfg.train.precision != "fp32"  # auto: bf16 on any GPU that has it
     if isinstance(cfg, FinetuneConfig):
         if cfg.task != "sft":
             raise ConfigError("plan covers causal language models: finetune --task classify is not planned")
         model_cfg, seq_len, label = finetune_model(cfg, debug), cfg.data.max_seq_len, f"finetune LoRA r={cfg.lora.r}"
     else:
         model_cfg, seq_len, label = cfg.model, cfg.data.seq_len, f"pretrain {cfg.model.preset or '(config model)'}"
-    run = Run(model_cfg, cfg.train.batch_size, seq_len, autocast, isinstance(cfg, FinetuneConfig), label)
+    run = Run(model_cfg, cfg.train.batch_size, seq_len, bf16, isinstance(cfg, FinetuneConfig), label)
     with torch.device("meta"):  # shapes only: a 1B model costs nothing to count
         model = LlamaLM(model_cfg)
         if isinstance(cfg, FinetuneConfig):
