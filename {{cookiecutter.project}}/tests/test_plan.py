@@ -175,6 +175,7 @@ def _fsdp_rank(rank: int, store: str, out: str) -> None:
     os._exit(0)  # no teardown: freeing a gloo group can deadlock (tests/test_distributed.py)
 
 
+@pytest.mark.slow  # ~15 s on 2 CPU cores (40 s loaded): two processes, three FSDP set-ups, two steps each
 def test_fsdp_plan_against_fsdp_mem_tracker(tmp_path):
     """Two gloo ranks: the sharded parameters, gradients and AdamW state per rank, the activations at the end of
     forward (bf16 weights: a bf16 residual stream, no casts), and the step's peak, which the plan's total bounds
