@@ -1,5 +1,6 @@
 """The pretrain benchmark runs end to end on a tiny shape and prints well-formed, positive figures."""
 
+import argparse
 import functools
 import json
 import os
@@ -8,6 +9,8 @@ import pytest
 import torch
 
 from {{ cookiecutter.package }} import bench, bench_timing
+from {{ cookiecutter.package }}.config import ModelConfig
+from {{ cookiecutter.package }}.model.presets import preset_fields
 
 SHAPE = {
     "--layers": 1,
@@ -68,6 +71,15 @@ def test_presets_fill_only_the_flags_not_given():
     assert (args.seq_len, args.vocab_size, args.batch_size) == (1024, 50304, 2)
     tiny = bench.apply_preset(bench.build_parser().parse_args(["lora"]))
     assert (tiny.layers, tiny.dim, tiny.seq_len, tiny.batch_size) == (4, 256, 128, 16)
+
+
+def test_bench_shapes_come_from_the_model_presets():
+    """bench --preset and --model.preset are one table: the model bench builds is the preset's, its flags applied."""
+    args = bench.build_parser().parse_args(["pretrain", "--preset", "llama-3.2-1b", "--layers", "2", "--seq-len", "8"])
+    _, config, _ = bench.setup(argparse.Namespace(**{**vars(args), "device": "cpu", "vocab_size": 64}))
+    expected = ModelConfig(**preset_fields("llama-3.2-1b"))
+    assert config.rope_scaling == expected.rope_scaling and config.hidden_dim == 8192 and config.n_kv_heads == 8
+    assert (config.n_layers, config.vocab_size, config.max_seq_len) == (2, 64, 8)
 
 
 @pytest.mark.slow  # ~20 s on 2 CPU cores: tracing both models, forward and backward, twice
