@@ -255,6 +255,7 @@ RUN_ORDER = [
     "Predict (text classifier)",
     "Predict (digits ResNet)",
     "Predict (commands Conformer)",
+    "Plan (memory)",
     "Tests (pytest)",
 ]
 

@@ -275,7 +275,7 @@ class HostUser:
         home.mkdir(exist_ok=True)
         if IS_ROOT:
             os.chown(home, self.uid, self.gid)
-        env = {"PATH": os.environ["PATH"], "HOME": str(home)}
+        env = {"PATH": os.environ["PATH"], "HOME": str(home), "USER": self.name}  # as a login sets them
         return env | ({"DOCKER_HOST": os.environ["DOCKER_HOST"]} if "DOCKER_HOST" in os.environ else {})
 
 
@@ -506,6 +506,9 @@ def test_non_root_host_user_gets_the_container_user_mapped(cli, mapped_run):
     egg_info = mapped_run.workspace / "src" / f"{DEFAULT_PACKAGE}.egg-info"
     assert egg_info.is_dir() and egg_info.stat().st_uid == MAPPED_UID, "the postCreateCommand ran as the host user"
     assert mapped_run.workspace.stat().st_uid == MAPPED_UID, "the onCreateCommand leaves a user's workspace alone"
+    # The cache volumes are this host user's own (the main case runs at the same time with dev as UID 1000).
+    caches = in_container(cli, mapped_run, "stat", "-c", "%u", "/home/dev/.cache/pip", "/home/dev/.cache/huggingface")
+    assert caches.stdout.split()[-2:] == [str(MAPPED_UID)] * 2, "a cache volume made for another host user"
 
 
 def test_root_host_user_hands_the_workspace_to_the_container_user(cli, root_run):

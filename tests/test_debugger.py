@@ -130,7 +130,8 @@ PREDICT_FORWARD = {
     "Predict (digits ResNet)": ("model/resnet.py", "ResNet", "pixel_values"),
     "Predict (commands Conformer)": ("model/conformer.py", "ConformerClassifier", "input_values"),
 }
-TRAINING = set(RUN_ORDER) - {"Generate", "Tests (pytest)"} - set(PREDICT_FORWARD)  # entry points that call train_step
+# entry points that call train_step
+TRAINING = set(RUN_ORDER) - {"Generate", "Plan (memory)", "Tests (pytest)"} - set(PREDICT_FORWARD)
 NOT_LAUNCHABLE_HERE = {
     "Debug test (Testing view)": "its program is ${file}: VS Code's Testing view fills it in",
 }

@@ -47,6 +47,7 @@ ENTRY_POINTS = {
     "Fine-tune classify": (".finetune", ["--config", "configs/finetune-classify.yaml"]),
     "Generate": (".generate", ["--prompt", "MACBETH."]),
     "Predict (text classifier)": (".predict", ["runs/finetune-classify", "samples/text"]),
+    "Plan (memory)": (".plan", ["--config", "configs/pretrain.yaml", "--gpus", "8", "--gpu-mem", "80"]),
     "Tests (pytest)": ("pytest", ["tests"]),
     "TensorBoard": ("tensorboard.main", ["--logdir", "runs", "--port", "6006"]),
 }
@@ -72,6 +73,7 @@ FAST_ARGS = {
     ".vision": ["--debug", "--train.max_steps", "1"],
     ".speech": ["--debug", "--train.max_steps", "1"],
     ".predict": ["--debug"],  # the run the --debug training wrote: RUN_DIR-debug
+    ".plan": ["--debug"],  # the debug profile's model: the same table, nothing to wait for
     # only tests/test_debug.py is collected (importing every test module is most of a short run)
     "pytest": ["-q", "-p", "no:cacheprovider", "--ignore-glob=*/test_[!d]*.py", "-k", "test_debug or parse_address"],
 }

@@ -1,12 +1,16 @@
 """The pretrain benchmark runs end to end on a tiny shape and prints well-formed, positive figures."""
 
+import argparse
 import functools
 import json
+import os
 
 import pytest
 import torch
 
 from {{ cookiecutter.package }} import bench, bench_timing
+from {{ cookiecutter.package }}.config import ModelConfig
+from {{ cookiecutter.package }}.model.presets import preset_fields
 
 SHAPE = {
     "--layers": 1,
@@ -69,6 +73,15 @@ def test_presets_fill_only_the_flags_not_given():
     assert (tiny.layers, tiny.dim, tiny.seq_len, tiny.batch_size) == (4, 256, 128, 16)
 
 
+def test_bench_shapes_come_from_the_model_presets():
+    """bench --preset and --model.preset are one table: the model bench builds is the preset's, its flags applied."""
+    args = bench.build_parser().parse_args(["pretrain", "--preset", "llama-3.2-1b", "--layers", "2", "--seq-len", "8"])
+    _, config, _ = bench.setup(argparse.Namespace(**{**vars(args), "device": "cpu", "vocab_size": 64}))
+    expected = ModelConfig(**preset_fields("llama-3.2-1b"))
+    assert config.rope_scaling == expected.rope_scaling and config.hidden_dim == 8192 and config.n_kv_heads == 8
+    assert (config.n_layers, config.vocab_size, config.max_seq_len) == (2, 64, 8)
+
+
 @pytest.mark.slow  # ~20 s on 2 CPU cores: tracing both models, forward and backward, twice
 def test_compile_flag_compiles_both_models(capsys, monkeypatch):
     # aot_eager traces forward and backward like inductor without generating code: the same path, in seconds
@@ -127,3 +140,24 @@ def test_lora_bench_tiny(capsys):
     assert rows[2]["ours_over_transformers"] == pytest.approx(rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"], 1e-2)
     # same base weights, same LoRA start, same batches and optimizer: the same losses
     assert rows[2]["loss_abs_diff"] < 1e-3
+
+
+def test_loader_bench_reports_every_sampling_and_restores_the_process(capsys, tmp_path):
+    threads = torch.get_num_threads()
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    args = ["--tokens", "200000", "--batch-size", "3", "--seq-len", "16", "--vocab-size", "70000"]
+    bench.main(["loader", *args, "--steps", "3", "--warmup", "1", "--repeats", "2", "--tmp-dir", str(tmp_path)])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert [r["sampling"] for r in rows] == ["random", "sequential", "floor", "random-cold", "summary"]
+    for row in rows[:4]:
+        assert row["bench"] == "loader" and row["threads"] == 1 and (row["batch_size"], row["seq_len"]) == (3, 16)
+        assert row["batches_per_s_min"] <= row["batches_per_s"] <= row["batches_per_s_max"]
+        assert row["timed_steps"] == (3 if row["sampling"] == "random-cold" else 6)  # 2 alternating rounds of 3
+    summary = rows[-1]
+    assert summary["file_mb"] == 0.8  # vocabulary above 65536: uint32, as the token cache stores it
+    assert summary["meets_target"] == (min(r["batches_per_s"] for r in rows[:2] + rows[3:4]) >= 30)
+    assert summary["random_ms_over_floor"] > 0 and summary["sequential_ms_over_floor"] > 0
+    assert ("pin_ms" in summary) == torch.cuda.is_available()  # else "transfer": "not measured: no CUDA device"
+    # the process is as it was: torch threads, CPU affinity, and no token file left behind
+    assert torch.get_num_threads() == threads and list(tmp_path.iterdir()) == []
+    assert cores is None or os.sched_getaffinity(0) == cores

@@ -33,6 +33,7 @@ from {{ cookiecutter.package }}.config.speech import SpeechConfig
 {%- if cookiecutter.extra_projects in ["vision", "both"] %}
 from {{ cookiecutter.package }}.config.vision import VisionConfig
 {%- endif %}
+from {{ cookiecutter.package }}.model.presets import PRESETS, SHAPE_FIELDS, preset_fields
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # The entry points with a --debug section and recipes in configs/ named after it (finetune-sft.yaml: finetune).
@@ -272,6 +273,7 @@ def test_help_lists_every_option_with_its_default(cls, capsys):
         (["--config", "does-not-exist.yaml"], "does-not-exist.yaml"),
         (["--train.resume", "runs/x/checkpoints"], "train.resume"),  # a path goes to train.resume_from
         (["--train.resume", "auto", "--train.resume_from", "x"], "train.resume_from='x' is invalid"),
+        (["--model.preset", "gpt3"], "model.preset='gpt3' is unknown: expected one of tiny, gpt2-small, smollm2-135m"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, expected, capsys):
@@ -307,6 +309,45 @@ def test_save_and_load_round_trip(tmp_path):
     path = save_config(cfg, tmp_path / "run" / "config.yaml")
     assert load_config(PretrainConfig, path) == cfg
     assert config_to_dict(cfg)["optim"]["betas"] == [0.8, 0.99]  # plain lists, loadable with weights_only
+
+
+def shape(model: ModelConfig) -> dict:
+    return {name: getattr(model, name) for name in SHAPE_FIELDS}
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_a_preset_sets_the_whole_shape(name):
+    cfg, _ = parse_config(PretrainConfig, ["--model.preset", name])
+    assert shape(cfg.model) == shape(ModelConfig(**preset_fields(name))) and cfg.model.preset == name
+    assert set(PRESETS[name]) == set(SHAPE_FIELDS)  # so that one preset replaces all of another
+
+
+def test_tiny_is_the_default_model():
+    assert shape(parse_config(PretrainConfig, ["--model.preset", "tiny"])[0].model) == shape(ModelConfig())
+
+
+@pytest.mark.parametrize("preset_first", [False, True])
+def test_every_explicit_field_beats_the_preset_wherever_it_comes_from(tmp_path, preset_first):
+    """The preset is the layer just above the defaults: a file, the debug profile and a flag each override it field
+    by field, whatever the order of the arguments, and a field equal to the default still counts as given."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model:\n  n_layers: 3\n  max_seq_len: 256\n")  # 256 is also ModelConfig's default
+    preset, rest = ["--model.preset", "llama-3.2-1b"], ["--config", str(recipe), "--model.dim", "512"]
+    cfg, _ = parse_config(PretrainConfig, [*preset, *rest] if preset_first else [*rest, *preset])
+    model = cfg.model
+    assert (model.n_layers, model.max_seq_len, model.dim) == (3, 256, 512)  # file, file, flag
+    assert (model.n_heads, model.hidden_dim, model.vocab_size) == (32, 8192, 128256)  # the preset's
+    assert model.rope_scaling.factor == 32.0 and model.rope_theta == 500000.0
+    # a preset named in a file applies too, and the debug profile's tiny shape beats it
+    recipe.write_text("model:\n  preset: smollm2-360m\n")
+    debug, _ = parse_config(PretrainConfig, ["--config", str(recipe), "--debug"])
+    assert debug.model.dim == debug_profile(PretrainConfig)["model"]["dim"] and debug.model.n_kv_heads == 2
+    assert debug.model.vocab_size == 49152 and debug.model.preset == "smollm2-360m"
+
+
+def test_a_preset_run_reloads_to_the_same_config(tmp_path):
+    cfg, _ = parse_config(PretrainConfig, ["--model.preset", "llama-3.2-1b", "--model.n_layers", "2"])
+    assert load_config(PretrainConfig, save_config(cfg, tmp_path / "config.yaml")) == cfg
 
 
 def test_debug_profile_is_small_and_deterministic(tmp_path):

@@ -201,8 +201,8 @@ def test_window_errors():
     with pytest.raises(ValueError, match="fewer than one global batch"):
         TokenWindows(np.arange(50, dtype=np.uint16), 4, 10, mode="sequential", world_size=2)
     src = TokenWindows(np.arange(500, dtype=np.uint16), 2, 10, mode="random")
-    with pytest.raises(ValueError, match="mode='sequential'"):
-        src.load_state_dict({"mode": "sequential", "seed": 0, "step": 3})
+    with pytest.raises(ValueError, match="data.sampling='sequential'"):
+        src.load_state_dict({**src.state_dict(), "mode": "sequential"})
     with pytest.raises(ValueError, match="mode must be"):
         TokenWindows(np.arange(500, dtype=np.uint16), 2, 10, mode="shuffled")
 

@@ -9,6 +9,7 @@ import transformers
 from {{ cookiecutter.package }}.config import ModelConfig
 from {{ cookiecutter.package }}.model.hf import export_hf, import_hf
 from {{ cookiecutter.package }}.model.lm import LlamaLM
+from {{ cookiecutter.package }}.model.presets import LLAMA3_ROPE_SCALING
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 VOCAB = 73
@@ -127,6 +128,14 @@ def test_clear_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config | {"attention_bias": True}))
     with pytest.raises(ValueError, match="attention_bias"):
         import_hf(tmp_path)
+    yarn = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1000.0}
+    (tmp_path / "config.json").write_text(json.dumps(config | {"rope_parameters": yarn, "rope_scaling": yarn}))
+    with pytest.raises(ValueError, match="rope_type='yarn'"):
+        import_hf(tmp_path)
+    partial = {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1000.0}  # no frequency band: not guessed
+    (tmp_path / "config.json").write_text(json.dumps(config | {"rope_parameters": partial, "rope_scaling": partial}))
+    with pytest.raises(ValueError, match="llama3 RoPE scaling without .'high_freq_factor'"):
+        import_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
@@ -146,3 +155,54 @@ def test_export_is_the_same_whatever_attention_trained_it(tmp_path):
     ids, _ = inputs()
     with torch.no_grad():
         torch.testing.assert_close(imported(ids).logits, written(ids).logits, **TOL)
+
+
+# Llama 3.2's RoPE scaling with its published values, on a head width of 16 at theta 5e5: wavelengths 6 to 6e5
+# positions, so four of the 8 frequency pairs are kept (< 2048), one is blended (2048 .. 8192), three are slowed by 32.
+# Positions far beyond 8192 (the original context) make every kind of pair matter.
+LLAMA3_POSITIONS = torch.tensor([[0, 1, 7, 300, 2_500, 8_000, 9_000, 20_000, 65_000, 120_000, 131_000]])
+
+
+def llama3_model(scaling: dict | None = LLAMA3_ROPE_SCALING) -> LlamaLM:
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=131_072, multiple_of=16,
+        rope_theta=500_000.0, rope_scaling=scaling, init_std=0.05,
+    )  # fmt: skip
+    return LlamaLM(config).eval()
+
+
+def test_llama3_rope_scaling_matches_transformers_both_ways(tmp_path):
+    model = llama3_model()
+    export_hf(model, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    written = config.get("rope_parameters") or config["rope_scaling"]  # transformers 5.x / 4.x spelling
+    assert {k: written[k] for k in LLAMA3_ROPE_SCALING} == LLAMA3_ROPE_SCALING
+    hf = load_hf(tmp_path / "out")
+    ids = torch.randint(0, VOCAB, LLAMA3_POSITIONS.shape)
+    with torch.no_grad():
+        ours_logits = model(ids, position_ids=LLAMA3_POSITIONS).logits
+        torch.testing.assert_close(ours_logits, hf(ids, position_ids=LLAMA3_POSITIONS).logits, **TOL)
+        # the scaling is what makes them agree: the same weights with plain RoPE give other logits
+        plain = llama3_model(scaling=None)
+        plain.load_state_dict(model.state_dict())
+        assert (plain(ids, position_ids=LLAMA3_POSITIONS).logits - ours_logits).abs().max() > 1e-2
+        # and back: transformers' checkpoint imports with the scaling, same logits
+        imported = import_hf(tmp_path / "out").eval()
+        assert imported.config.rope_scaling == model.config.rope_scaling
+        torch.testing.assert_close(imported(ids, position_ids=LLAMA3_POSITIONS).logits, ours_logits, **TOL)
+
+
+def test_llama3_inv_freq_keeps_blends_and_slows_the_pairs_as_transformers_does():
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf_config = transformers.LlamaConfig(
+        hidden_size=64, num_attention_heads=4, rope_theta=500_000.0, max_position_embeddings=131_072,
+        rope_scaling=dict(LLAMA3_ROPE_SCALING),
+    )  # fmt: skip
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_config, "cpu")
+    got = llama3_model().rope.inv_freq
+    plain = llama3_model(scaling=None).rope.inv_freq
+    torch.testing.assert_close(got, expected)
+    ratio = plain / got
+    assert (ratio[:4] == 1).all() and 1 < ratio[4] < 32 and torch.allclose(ratio[5:], torch.tensor(32.0))

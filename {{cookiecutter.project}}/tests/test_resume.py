@@ -4,7 +4,9 @@ the newest checkpoint is damaged and an older intact one is taken; metrics.jsonl
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
+import os
 import re
 import signal
 import subprocess
@@ -14,6 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
 
 from {{ cookiecutter.package }} import pretrain
 from {{ cookiecutter.package }}.config import ConfigError, OptimConfig
@@ -21,6 +26,7 @@ from {{ cookiecutter.package }}.config.finetune import FinetuneConfig
 from {{ cookiecutter.package }}.data.corpus import EvalWindows, TokenWindows
 from {{ cookiecutter.package }}.model.lm import LlamaLM
 from {{ cookiecutter.package }}.runtime import check_resume_labels, resolve_start
+from {{ cookiecutter.package }}.train.distributed import get_rank, get_world_size
 from {{ cookiecutter.package }}.train.loop import Job, RunSetup, evaluate_loss, fit
 
 
@@ -52,16 +58,37 @@ def _logged(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k not in _WALL_CLOCK} for line in lines]
 
 
-def _fit(run_dir, model_cfg, cfg, tokens, *, stop_after=None, seed=0):
+class Recorded:
+    """A BatchSource that notes the window starts of every batch it hands out, in order."""
+
+    def __init__(self, source: TokenWindows, starts: list[list[int]]):
+        self.source, self.starts = source, starts
+
+    def next_batch(self):
+        self.starts.append(self.source.window_starts())
+        return self.source.next_batch()
+
+    def state_dict(self):
+        return self.source.state_dict()
+
+    def load_state_dict(self, state):
+        self.source.load_state_dict(state)
+
+
+def _fit(run_dir, model_cfg, cfg, tokens, *, stop_after=None, seed=0, mode="random", record=None):
+    """fit() on this process's rank of the process group (or alone), from the run's newest checkpoint if any."""
     torch.manual_seed(seed)
     model = LlamaLM(model_cfg)
-    source = TokenWindows(tokens, cfg.batch_size, 16, seed=0)
+    ranks = {"rank": get_rank(), "world_size": get_world_size()}
+    source = TokenWindows(tokens, cfg.batch_size, 16, seed=0, mode=mode, **ranks)
+    if record is not None:
+        source = Recorded(source, record)
     if stop_after is not None:
         source = StopAfter(source, stop_after)
-    val = EvalWindows(tokens, 2, 16, num_batches=2)
+    val = EvalWindows(tokens, 2, 16, num_batches=2, **ranks)
     resume_from = resolve_start(run_dir, dataclasses.replace(cfg, resume="auto"))  # once, before fit, as runtime does
     return fit(
-        model,
+        DistributedDataParallel(model) if ranks["world_size"] > 1 else model,
         source,
         cfg,
         run_dir,
@@ -159,6 +186,22 @@ def test_pretrain_refuses_a_named_damaged_checkpoint_and_auto_falls_back(tmp_pat
     assert _logged(run_dir) == straight
 
 
+def test_pretrain_refuses_to_resume_a_data_position_of_another_seq_len(tmp_path, pretrain_args, capsys):
+    pretrain.main([*pretrain_args, "--train.max_steps", "4"])  # checkpoint at step 4, seq_len 32
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        pretrain.main([*pretrain_args, "--data.seq_len", "16", "--train.resume", "auto"])
+    err = capsys.readouterr().err.splitlines()
+    assert refused.value.code == 2
+    assert re.fullmatch(
+        r"error: the checkpoint's data position is for data.sampling='random', train.seed=(\d+), data.seq_len=32, "
+        r"but this run has 'random', \1, 16: resume with the checkpoint's settings",
+        err[-1],
+    )
+    checkpoints = tmp_path / "runs" / "tiny" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-000004"]  # nothing written
+
+
 def test_a_resumed_run_hashes_its_checkpoint_once(tmp_path, pretrain_args, monkeypatch):
     from {{ cookiecutter.package }}.train import manifest
 
@@ -235,3 +278,76 @@ def test_resume_after_sigkill_subprocess(tmp_path, pretrain_args, subprocess_env
     expected, got = _logged(runs / "straight"), _logged(runs / "killed")
     assert [r["step"] for r in got] == list(range(1, steps + 1))  # no line of the killed run left over or doubled
     assert got == expected  # bit-identical on CPU
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sequential sampling across world sizes: 2 ranks -> 1 and 1 -> 2 with the same global batch
+
+
+def _fit_on_rank(rank: int, world: int, store: str, args: tuple, kwargs: dict, out: Path) -> None:
+    """_fit on gloo rank ``rank`` of ``world`` (a process of its own); its window starts and losses go to a file."""
+    torch.set_num_threads(1)
+    timeout = datetime.timedelta(seconds=120)  # a rank that never arrives fails the test instead of hanging it
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timeout)
+    starts: list[list[int]] = []
+    try:
+        losses = [r["loss"] for r in _fit(*args, **kwargs, record=starts)]
+    except KeyboardInterrupt:  # the simulated kill
+        losses = []
+    (out / f"rank{rank}.json").write_text(json.dumps({"starts": starts, "losses": losses}))
+    os._exit(0)  # no teardown: freeing a gloo group can deadlock (see test_distributed)
+
+
+def _on_two_ranks(tmp_path: Path, name: str, *args, **kwargs) -> list[dict]:
+    out = tmp_path / f"{name}-out"
+    out.mkdir()
+    mp.spawn(_fit_on_rank, args=(2, str(tmp_path / f"{name}-store"), args, kwargs, out), nprocs=2)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def _by_step(calls_by_rank: list[list[list[int]]], accum: int, first: int) -> dict[int, list[int]]:
+    """Optimizer step -> the sorted window starts it trained on, over every rank and micro-batch."""
+    steps: dict[int, list[int]] = {}
+    for calls in calls_by_rank:
+        for i, starts in enumerate(calls):
+            steps.setdefault(first + i // accum, []).extend(starts)
+    return {step: sorted(starts) for step, starts in steps.items()}
+
+
+@pytest.mark.slow  # two processes of their own: 10-30 s on 2 CPU cores
+@pytest.mark.parametrize("worlds", [(2, 1), (1, 2)], ids=["2-to-1", "1-to-2"])
+def test_sequential_resume_on_another_world_size_reads_every_window_once(
+    tmp_path, tiny_model_config, tiny_train_config, pattern_tokens, worlds, capsys
+):
+    """Killed while drawing step 5 (checkpoint at 3), resumed on the other world size with grad_accum doubled or
+    halved (global batch 4): the windows of steps 1-6 are the uninterrupted run's, step by step, none twice, and the
+    losses follow the uninterrupted run's (the same mean gradient, up to float reduction order)."""
+    before, after = worlds
+    cfg = dataclasses.replace(tiny_train_config, batch_size=2, max_steps=6, save_every=3)
+    accum = {1: 2, 2: 1}  # per world size: 2 x 2 x 1 == 2 x 1 x 2 windows a step
+    straight: list[list[int]] = []
+    expected = _fit(tmp_path / "straight", tiny_model_config, dataclasses.replace(cfg, grad_accum=2), pattern_tokens,
+                    mode="sequential", record=straight)  # fmt: skip
+    run, cfgs = tmp_path / "run", {w: dataclasses.replace(cfg, grad_accum=accum[w]) for w in (1, 2)}
+    stop = {"stop_after": 4 * accum[before], "mode": "sequential"}
+    if before == 2:
+        killed = [r["starts"] for r in _on_two_ranks(tmp_path, "killed", run, tiny_model_config, cfgs[2],
+                                                     pattern_tokens, **stop)]  # fmt: skip
+        capsys.readouterr()
+        resumed = [[]]
+        losses = [r["loss"] for r in _fit(run, tiny_model_config, cfgs[1], pattern_tokens, mode="sequential",
+                                          record=resumed[0])]  # fmt: skip
+        assert "sequential sampling continues the global order at window 12" in capsys.readouterr().err
+    else:
+        killed = [[]]
+        with pytest.raises(KeyboardInterrupt):
+            _fit(run, tiny_model_config, cfgs[1], pattern_tokens, **stop, record=killed[0])
+        ranks = _on_two_ranks(tmp_path, "resumed", run, tiny_model_config, cfgs[2], pattern_tokens, mode="sequential")
+        resumed, losses = [r["starts"] for r in ranks], ranks[0]["losses"]
+
+    assert len(losses) == 3  # resumed from the checkpoint of step 3: steps 4, 5, 6
+    got = {s: w for s, w in _by_step(killed, accum[before], 1).items() if s <= 3} | _by_step(resumed, accum[after], 4)
+    assert got == _by_step([straight], 2, 1)  # step by step, the windows of the uninterrupted run
+    consumed = [w for step in got.values() for w in step]
+    assert len(consumed) == len(set(consumed)) == 24  # 24 windows, none twice, none skipped
+    assert losses == pytest.approx([r["loss"] for r in expected[3:]], rel=1e-4)

@@ -5,6 +5,7 @@
     python -m <pkg>.bench lora --rank 8 [--compile]      # LoRA fine-tune step: ours (train_step + peft) vs
                                                          # transformers + peft
     python -m <pkg>.bench gpu-check                      # CUDA only: gpt2-small, bf16, eager and compiled, one table
+    python -m <pkg>.bench loader                         # batches/s of the pretraining loader (bench_loader.py)
 
 Prints one JSON object per line: one per model (tokens/s, step time median and spread, MFU, final loss), then the
 ratio. Method, so the figures can be trusted:
@@ -38,6 +39,7 @@ import sys
 import torch
 from torch import nn
 
+from .bench_loader import add_parser as add_loader_parser
 from .bench_timing import (
     PlainLoop,
     Trainer,
@@ -50,25 +52,32 @@ from .bench_timing import (
 from .config import ModelConfig, TrainConfig
 from .model.hf import hf_config_dict, to_hf_key
 from .model.lm import LlamaLM
+from .model.presets import PRESETS, preset_fields
 from .runtime import setup_runtime
 from .train.flops import peak_flops
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Shared by every subcommand: the shape, the set-up, the measurement
 
-# Shapes by name. tiny: the default project's model on its default batch. gpt2-small: GPT-2 124M (MHA, vocabulary
-# padded to 50304 as nanoGPT does) on nanoGPT's batch of 12 x 1024, the shape GPU training loops are compared at.
-PRESETS: dict[str, dict[str, int]] = {
-    "tiny": {"layers": 4, "dim": 256, "heads": 8, "kv_heads": 4, "seq_len": 128, "batch_size": 16, "vocab_size": 8000},
-    "gpt2-small": {
-        "layers": 12, "dim": 768, "heads": 12, "kv_heads": 12, "seq_len": 1024, "batch_size": 12, "vocab_size": 50304,
-    },
+# The shape flags and the preset field each one defaults to (model/presets.py, the one home of the shapes).
+SHAPE_FLAGS = {
+    "layers": "n_layers", "dim": "dim", "heads": "n_heads", "kv_heads": "n_kv_heads", "vocab_size": "vocab_size",
 }  # fmt: skip
+# The batch a preset is timed at: tiny, the default project's; the others nanoGPT's 12 x 1024 (GPT-2's context),
+# the shape GPU training loops are compared at.
+RUN_SHAPES = {"tiny": dict(seq_len=128, batch_size=16)}
+DEFAULT_RUN_SHAPE = {"seq_len": 1024, "batch_size": 12}
+
+
+def preset_flags(name: str) -> dict[str, int]:
+    """Every shape flag's value under preset ``name``."""
+    fields = preset_fields(name)
+    return {flag: fields[field] for flag, field in SHAPE_FLAGS.items()} | RUN_SHAPES.get(name, DEFAULT_RUN_SHAPE)
 
 
 def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
     """Fill every shape flag not given on the command line from ``--preset``."""
-    for key, value in PRESETS[args.preset].items():
+    for key, value in preset_flags(args.preset).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
@@ -85,15 +94,12 @@ def setup(args: argparse.Namespace) -> tuple[torch.device, ModelConfig, list[dic
     setup_runtime(TrainConfig(seed=args.seed), device)  # seeds and TF32 on CUDA, exactly as training sets them
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = ModelConfig(
-        vocab_size=args.vocab_size,
-        dim=args.dim,
-        n_layers=args.layers,
-        n_heads=args.heads,
-        n_kv_heads=args.kv_heads,
-        max_seq_len=args.seq_len,
-        tie_embeddings=not getattr(args, "untied", False),
-    )
+    # The preset's shape, then the flags (as --model.preset and --model.* combine in training)
+    fields = preset_fields(args.preset) | {field: getattr(args, flag) for flag, field in SHAPE_FLAGS.items()}
+    fields |= {"preset": args.preset, "max_seq_len": args.seq_len}
+    if getattr(args, "untied", False):
+        fields["tie_embeddings"] = False
+    config = ModelConfig(**fields)
     batches = random_batches(config.vocab_size, args.batch_size, args.seq_len, 4, device, args.seed)
     return device, config, batches
 
@@ -107,7 +113,7 @@ def measure(bench: str, args: argparse.Namespace, device: torch.device, runners:
     common = {"bench": bench, "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads()}
     common |= {"preset": args.preset, "compile": args.compile}
     *rows, summary = throughput_rows(runners, times, step_mem, args.batch_size * args.seq_len, common)
-    return rows, summary | {key: getattr(args, key) for key in PRESETS[args.preset]}
+    return rows, summary | {key: getattr(args, key) for key in preset_flags(args.preset)}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -210,8 +216,8 @@ def _add_lora_parser(sub) -> None:
 
 def _add_shape(p: argparse.ArgumentParser, preset: str = "tiny") -> None:
     """The model and batch shape that :func:`setup` reads, shared by every subcommand: a preset, then any flag."""
-    p.add_argument("--preset", choices=sorted(PRESETS), default=preset, help="shape defaults (default: %(default)s)")
-    for key, value in PRESETS["tiny"].items():
+    p.add_argument("--preset", choices=list(PRESETS), default=preset, help="shape defaults (default: %(default)s)")
+    for key, value in preset_flags("tiny").items():
         p.add_argument(
             "--" + key.replace("_", "-"), type=int, default=None, help=f"(default: the preset's; tiny {value})"
         )
@@ -275,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shape(p, preset="gpt2-small")
     _add_common(p, dtype="bf16")
     p.set_defaults(func=bench_gpu_check)
+    add_loader_parser(sub)
     return parser
 
 
@@ -283,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = args.func(args)
     if args.command == "gpu-check":
         device = torch.cuda.get_device_name(torch.device(args.device))
-        shape = ", ".join(f"{k} {v}" for k, v in PRESETS[args.preset].items())
+        shape = ", ".join(f"{k} {v}" for k, v in preset_flags(args.preset).items())
         print(f"{device}, torch {torch.__version__}, {args.preset} ({shape}), {args.dtype}\n{format_table(rows)}")
         return
     for row in rows:

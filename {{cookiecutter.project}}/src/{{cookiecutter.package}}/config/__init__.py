@@ -8,12 +8,14 @@ Every entry point does the same two things::
 Precedence, lowest to highest, whatever the order of the arguments:
 
 1. the dataclass defaults;
-2. ``--config FILE`` (YAML; several files apply in the order given);
-3. the ``--debug`` profile: the section of ``config/profiles/debug.yaml`` that the program's config names
+2. the model preset, where ``model.preset`` names one (in a file or a flag): the shape of a published model from
+   ``model/presets.py`` (``--model.preset smollm2-135m``); each field a later layer gives replaces the preset's;
+3. ``--config FILE`` (YAML; several files apply in the order given);
+4. the ``--debug`` profile: the section of ``config/profiles/debug.yaml`` that the program's config names
    (``PretrainConfig.debug_section = "pretrain"``; tiny, fast, deterministic);
-4. explicit command-line flags (``--debug --train.max_steps 30`` trains 30 steps).
+5. explicit command-line flags (``--debug --train.max_steps 30`` trains 30 steps).
 
-``--debug`` also appends ``-debug`` to the run name after all four layers, so that a debug run never writes into a
+``--debug`` also appends ``-debug`` to the run name after all five layers, so that a debug run never writes into a
 real run's directory, whatever ``--name`` says. :func:`.parse.parse_config` is the only place that applies them.
 
 Where things live: ``base.py`` holds the sections every program shares (model, optimizer, training loop, sampling,
@@ -46,6 +48,7 @@ from .base import (
     LoraSettings,
     ModelConfig,
     OptimConfig,
+    RopeScaling,
     SampleConfig,
     TrainConfig,
     fail,
@@ -72,6 +75,7 @@ __all__ = [
     "LoraSettings",
     "ModelConfig",
     "OptimConfig",
+    "RopeScaling",
     "SampleConfig",
     "ToolParser",
     "TrainConfig",

@@ -53,9 +53,34 @@ class RunConfig:
 
 
 @dataclass
+class RopeScaling:
+    """Llama 3.1's ``llama3`` RoPE scaling (transformers' rope_type "llama3"): rotations slower than the original
+    context divided by ``factor``, fast ones kept, the band between blended (model/attention.py
+    ``llama3_inv_freq``)."""
+
+    rope_type: Literal["llama3"] = "llama3"
+    factor: float = 32.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        require(self.factor >= 1, "model.rope_scaling.factor", self.factor, ">= 1")
+        require(
+            0 < self.low_freq_factor < self.high_freq_factor,
+            "model.rope_scaling.low_freq_factor",
+            self.low_freq_factor,
+            "in (0, high_freq_factor)",
+        )
+
+
+@dataclass
 class ModelConfig:
     """LlamaLM (model/lm.py): RMSNorm, rotary positions, grouped-query attention, SwiGLU."""
 
+    # a named shape from model/presets.py (e.g. smollm2-135m, llama-3.2-1b; a wrong name lists them all): applied over
+    # these defaults and under everything else (--config files, the --debug profile, flags)
+    preset: str | None = None
     vocab_size: int = 4096
     dim: int = 256
     n_layers: int = 4
@@ -65,6 +90,7 @@ class ModelConfig:
     multiple_of: int = 64
     max_seq_len: int = 256
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None  # None = plain RoPE
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     dropout: float = 0.0
@@ -75,6 +101,8 @@ class ModelConfig:
     attention: Literal["sdpa", "written_out"] = "sdpa"
 
     def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, dict):  # a preset or a Python caller gives a dict
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
         require(self.vocab_size >= 2, "model.vocab_size", self.vocab_size, ">= 2")
         require(self.dim >= 1, "model.dim", self.dim, ">= 1")
         require(self.n_layers >= 1, "model.n_layers", self.n_layers, ">= 1")

@@ -98,8 +98,9 @@ def parse_config(cls: type[C], argv: list[str] | None = None, *, prog: str | Non
     try:
         ns = parser.parse_args([*files, *flags])
         profile = debug_profile(cls) if ns["debug"] else None
-        if profile:  # jsonargparse applies arguments in order: the profile goes between the files and the flags
-            ns = parser.parse_args([*files, "--config", json.dumps(profile), *flags])
+        preset = model_preset_layer(ns)
+        if profile or preset:  # jsonargparse applies arguments in order: the preset first, the profile before flags
+            ns = parser.parse_args([*preset, *files, *_config_arg(profile), *flags])
         debug_names = [f.name for f in dataclasses.fields(DebugConfig)]
         dbg = DebugConfig(**{name: ns[name] for name in debug_names})
         for name in [*debug_names, "config"]:
@@ -128,6 +129,21 @@ def _split_config_files(argv: list[str]) -> tuple[list[str], list[str]]:
         (files if argv[i].startswith("--config=") else flags).append(argv[i])
         i += 1
     return files, flags
+
+
+def model_preset_layer(ns: Any) -> list[str]:
+    """``["--config", <the preset's fields as JSON>]`` when the parsed ``model.preset`` names one, else ``[]``.
+    Read from a first parse of every layer, so the name may come from a file or a flag; an unknown name is a
+    ValueError listing the known ones."""
+    if "model.preset" not in ns or ns["model.preset"] is None:
+        return []
+    from ..model.presets import preset_fields  # imported here: the shapes live with the model, above config/
+
+    return _config_arg({"model": preset_fields(ns["model.preset"])})
+
+
+def _config_arg(layer: dict[str, Any] | None) -> list[str]:
+    return ["--config", json.dumps(layer)] if layer else []
 
 
 def debug_profile(cls: type) -> dict[str, Any] | None:

@@ -11,6 +11,7 @@ training batch source and :class:`EvalWindows` its fixed validation batches.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from ..config import ConfigError
 from .sources import DEFAULT_SUFFIXES, corpus_files, iter_documents
 from .token_cache import CACHE_FORMAT, atomic_build, content_hash, tokenize_corpus
 from .tokenizer import load_tokenizer, train_tokenizer
@@ -124,11 +126,21 @@ def _mix_seed(*parts: int) -> int:
 class TokenWindows:
     """The pretraining BatchSource: windows of `seq_len` tokens from a packed token array.
 
-    mode="random":     each batch draws B window starts uniformly from a torch.Generator seeded by
-                       (seed, rank, batch index). The state is that batch index alone, so resume is exact on every
-                       rank even when only rank 0's state was checkpointed.
-    mode="sequential": walks non-overlapping windows in order (wrapping around); step k hands rank r the windows
-                       k*B*world_size + r*B ... + B - 1, so ranks never see the same window within an epoch.
+    The position is global: ``consumed``, the windows all ranks together have drawn so far. Each call of
+    :meth:`next_batch` hands every rank B windows and moves it on by B x world_size, so a checkpoint written by any
+    rank, on any number of ranks, holds the same one integer.
+
+    mode="sequential": global window n is the n-th non-overlapping window (wrapping around, the short tail skipped);
+                       a call hands rank r the windows consumed + r*B ... + B - 1. With grad_accum A, optimizer step
+                       s thus trains on windows s*A*B*W + g for g in 0 .. A*B*W - 1 (g = micro-batch*B*W + rank*B +
+                       row): which windows a step sees depends only on s and the global batch, not on how it is
+                       split into ranks and micro-batches, and a resume on another world size with the same global
+                       batch continues at the exact next window.
+    mode="random":     each call draws B window starts uniformly from a torch.Generator seeded by (seed, rank, k),
+                       k = consumed // (B x world_size), the number of calls before it. On the same world size a
+                       resume draws exactly what the uninterrupted run would have drawn. On another one, k is
+                       re-derived from the global position: each rank draws what a run started on the new world size
+                       would draw at that point (same global step, new rank streams).
     """
 
     def __init__(
@@ -155,35 +167,64 @@ class TokenWindows:
                 f"the training corpus holds {self.num_windows} windows of {seq_len} tokens, fewer than one global "
                 f"batch of {batch_size} x {world_size} ranks"
             )
-        self.step = 0  # batches produced so far (per rank; equal on all ranks)
+        self.consumed = 0  # windows drawn by all ranks together (the same number on every rank)
         self.generator = torch.Generator()
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
+    def window_starts(self) -> list[int]:
+        """This rank's token offsets for the next batch (what :meth:`next_batch` reads; the position stays)."""
         B, T = self.batch_size, self.seq_len
         if self.mode == "random":
-            self.generator.manual_seed(_mix_seed(self.seed, self.rank, self.step))
-            starts = torch.randint(0, len(self.tokens) - T + 1, (B,), generator=self.generator).tolist()
-        else:
-            first = self.step * B * self.world_size + self.rank * B
-            starts = [((first + j) % self.num_windows) * T for j in range(B)]
-        self.step += 1
-        return _windows(self.tokens, starts, T)
+            self.generator.manual_seed(_mix_seed(self.seed, self.rank, self.consumed // (B * self.world_size)))
+            return torch.randint(0, len(self.tokens) - T + 1, (B,), generator=self.generator).tolist()
+        first = self.consumed + self.rank * B
+        return [((first + j) % self.num_windows) * T for j in range(B)]
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        starts = self.window_starts()
+        self.consumed += self.batch_size * self.world_size
+        return _windows(self.tokens, starts, self.seq_len)
 
     @property
     def epoch(self) -> float:
         """Tokens seen by all ranks / tokens in the array."""
-        return self.step * self.batch_size * self.world_size * self.seq_len / len(self.tokens)
+        return self.consumed * self.seq_len / len(self.tokens)
 
     def state_dict(self) -> dict:
-        return {"mode": self.mode, "seed": self.seed, "step": self.step}
+        """The global position and what it is counted in; ``world_size`` and ``batch_size`` only say how it was
+        drawn (train/loop.py leaves a change of world size to :meth:`load_state_dict` because of them)."""
+        return {
+            "mode": self.mode, "seed": self.seed, "seq_len": self.seq_len, "windows": self.consumed,
+            "world_size": self.world_size, "batch_size": self.batch_size,
+        }  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("mode") != self.mode or state.get("seed") != self.seed:
-            raise ValueError(
-                f"data state is for mode={state.get('mode')!r} seed={state.get('seed')!r}, "
-                f"but this source has mode={self.mode!r} seed={self.seed!r}"
+        if "windows" not in state:  # written before the position was global: batches drawn per rank, same split
+            split = {"world_size": self.world_size, "batch_size": self.batch_size, "seq_len": self.seq_len}
+            state = state | split | {"windows": int(state["step"]) * self.batch_size * self.world_size}
+        saved = {key: state.get(key) for key in ("mode", "seed", "seq_len")}
+        if saved != {"mode": self.mode, "seed": self.seed, "seq_len": self.seq_len}:
+            raise ConfigError(
+                f"the checkpoint's data position is for data.sampling={saved['mode']!r}, train.seed={saved['seed']!r}, "
+                f"data.seq_len={saved['seq_len']!r}, but this run has {self.mode!r}, {self.seed!r}, {self.seq_len!r}: "
+                "resume with the checkpoint's settings"
             )
-        self.step = int(state["step"])
+        self.consumed = int(state["windows"])
+        drawn_by = (int(state["world_size"]), int(state["batch_size"]))
+        if drawn_by != (self.world_size, self.batch_size) and self.rank == 0:
+            print(self._regrouped(*drawn_by), file=sys.stderr, flush=True)
+
+    def _regrouped(self, world_size: int, batch_size: int) -> str:
+        """The one line that says how a position saved by another split of the global batch continues."""
+        was, now = f"{world_size} rank(s) x {batch_size}", f"{self.world_size} rank(s) x {self.batch_size}"
+        if self.mode == "sequential":
+            return (
+                f"data: windows per call {was} -> {now}: sequential sampling continues the global order at window "
+                f"{self.consumed:,} (no window repeated or skipped)"
+            )
+        return (
+            f"data: windows per call {was} -> {now}: random sampling keeps the global position ({self.consumed:,} "
+            "windows) and re-derives each rank's stream from it, as a run started with this split would draw"
+        )
 
 
 class EvalWindows:

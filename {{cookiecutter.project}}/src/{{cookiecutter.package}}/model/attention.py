@@ -2,7 +2,7 @@
 
 Read top to bottom:
 1. `RotaryEmbedding` / `apply_rotary`: positions enter attention by rotating q and k (Hugging Face Llama's pairing of
-   dimensions, so weights exported to transformers give the same logits).
+   dimensions, so weights exported to transformers give the same logits); `llama3_inv_freq`: Llama 3.1's scaling.
 2. `build_attention_mask`: one boolean causal mask per forward pass (True = may attend), or None for the fast path.
 3. `KVCache`: keys/values of past positions, so generation feeds one new token per step.
 4. `written_out_attention`: softmax(Q K^T / sqrt(d_k)) V, one line per step, to read and to step through.
@@ -22,6 +22,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..config import RopeScaling
 
 # `enable_gqa` (SDPA broadcasting K key/value heads over H query heads without a copy) arrived in torch 2.5.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
@@ -46,6 +48,27 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
+def llama3_inv_freq(
+    inv_freq: Tensor,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_max_position_embeddings: int,
+) -> Tensor:
+    """Llama 3.1's RoPE scaling of the rotation frequencies, to stretch a model to ``factor`` x its context.
+
+    A pair of dimensions turning once in fewer than original / high_freq_factor positions (a short wavelength: local
+    word order) keeps its frequency; one turning in more than original / low_freq_factor positions (longer than the
+    original context, so never seen completing a turn) is slowed by ``factor``; the band between blends the two,
+    linearly in original / wavelength. The same numbers as transformers' ``rope_type="llama3"``.
+    """
+    wavelen = 2 * math.pi / inv_freq
+    # 0 for the long wavelengths, 1 for the short ones, in between for the band (clamped, so no branch per band)
+    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smooth = smooth.clamp(0.0, 1.0)
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for RoPE. Frequencies theta^(-2i/D), repeated twice along D (the HF Llama layout).
 
@@ -55,11 +78,21 @@ class RotaryEmbedding(nn.Module):
     position beyond `max_seq_len` is asked for (generation past the training length).
     """
 
-    def __init__(self, head_dim: int, max_seq_len: int = 2048, theta: float = 10000.0):
+    def __init__(
+        self, head_dim: int, max_seq_len: int = 2048, theta: float = 10000.0, scaling: RopeScaling | None = None
+    ):
         super().__init__()
         self.head_dim = head_dim
         self.theta = theta
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # [D/2]
+        if scaling is not None:  # the only kind there is: RopeScaling.rope_type is "llama3"
+            inv_freq = llama3_inv_freq(
+                inv_freq,
+                scaling.factor,
+                scaling.low_freq_factor,
+                scaling.high_freq_factor,
+                scaling.original_max_position_embeddings,
+            )
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._build(max_seq_len)
 

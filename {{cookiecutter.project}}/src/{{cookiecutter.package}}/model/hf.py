@@ -13,6 +13,7 @@ The mapping is a key copy: HF's names are ours with a `model.` prefix (lm_head e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from .lm import LlamaLM
 from .transformer import swiglu_hidden_dim
 
 SAFE_WEIGHTS = "model.safetensors"
+LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 SAFE_INDEX = "model.safetensors.index.json"
 
 
@@ -54,6 +56,7 @@ def hf_config_dict(config: ModelConfig, *, bos_token_id=None, eos_token_id=None,
         max_position_embeddings=config.max_seq_len,
         rms_norm_eps=config.norm_eps,
         rope_theta=config.rope_theta,  # 5.x folds it into rope_parameters itself
+        rope_scaling=dataclasses.asdict(config.rope_scaling) if config.rope_scaling else None,  # the same in 5.x
         tie_word_embeddings=config.tie_embeddings,
         initializer_range=config.init_std,
         hidden_act="silu",
@@ -122,7 +125,7 @@ def _resolve_dir(path: str | Path) -> Path:
 
 def config_from_hf(cfg: dict[str, Any], source: str = "config.json") -> ModelConfig:
     """Our ModelConfig from a Llama config.json dict; raises ValueError for anything LlamaLM would compute
-    differently (other architectures, biases, non-default RoPE scaling, other activations)."""
+    differently (other architectures, biases, RoPE scalings other than llama3, other activations)."""
     model_type = cfg.get("model_type")
     if model_type != "llama":
         archs = ", ".join(cfg.get("architectures") or []) or "unknown architecture"
@@ -137,8 +140,10 @@ def config_from_hf(cfg: dict[str, Any], source: str = "config.json") -> ModelCon
         problems.append(f"head_dim={cfg['head_dim']} != hidden_size / num_attention_heads")
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}  # 5.x / 4.x spelling
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        problems.append(f"rope_type={rope_type!r} (only default RoPE is implemented)")
+    if rope_type not in ("default", "llama3"):
+        problems.append(f"rope_type={rope_type!r} (default and llama3 RoPE are implemented)")
+    if rope_type == "llama3" and set(LLAMA3_KEYS) - set(rope):
+        problems.append(f"llama3 RoPE scaling without {sorted(set(LLAMA3_KEYS) - set(rope))}")
     if problems:
         raise ValueError(f"{source}: unsupported Llama variant: " + "; ".join(problems))
     return ModelConfig(
@@ -150,6 +155,7 @@ def config_from_hf(cfg: dict[str, Any], source: str = "config.json") -> ModelCon
         hidden_dim=cfg["intermediate_size"],
         max_seq_len=cfg.get("max_position_embeddings", 2048),
         rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+        rope_scaling={k: rope[k] for k in LLAMA3_KEYS} | {"rope_type": "llama3"} if rope_type == "llama3" else None,
         norm_eps=cfg.get("rms_norm_eps", 1e-6),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),  # LlamaConfig's default is untied
         dropout=0.0,

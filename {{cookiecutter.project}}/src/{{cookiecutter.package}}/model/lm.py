@@ -47,7 +47,7 @@ class LlamaLM(nn.Module):
         self.norm = RMSNorm(c.dim, c.norm_eps)
         self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)
         # Derived from the config, not learned, not saved (non-persistent buffers): one table shared by all layers.
-        self.rope = RotaryEmbedding(c.dim // c.n_heads, c.max_seq_len, c.rope_theta)
+        self.rope = RotaryEmbedding(c.dim // c.n_heads, c.max_seq_len, c.rope_theta, c.rope_scaling)
         init_weights(self, c.init_std, c.n_layers)
         if c.tie_embeddings:
             # One [V, C] matrix both reads tokens in and scores them out: fewer parameters, and for small models

@@ -58,7 +58,7 @@ class BatchSource(Protocol):
 
     def next_batch(self) -> dict[str, Tensor]: ...  # keys that model(**batch) accepts, incl. "labels"
 
-    def state_dict(self) -> dict: ...  # data position, for exact resume
+    def state_dict(self) -> dict: ...  # data position, for exact resume (see _restore_position for world sizes)
 
     def load_state_dict(self, state: dict) -> None: ...
 
@@ -194,19 +194,25 @@ def restore(
         return 0
     rank, world = get_rank(), get_world_size()
     state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, rank=rank, verified=True)
-    data = state.get("data")
-    if isinstance(data, list):  # one position per rank
-        if len(data) != world:
-            notice(f"notice: checkpoint has data positions for {len(data)} ranks, running {world}: reusing")
-        data = data[rank % len(data)]
-    if data is not None:
-        source.load_state_dict(data)
+    _restore_position(source, state.get("data"), rank, world)
     watch.load_state_dict(state.get("stopping"))
     step = int(state["step"])
     notice(f"resumed from {resume_from} at step {step}")
     if step >= cfg.max_steps or watch.stopped:
         notice(f"already at step {step} of train.max_steps={cfg.max_steps} or stopped early: nothing to train")
     return step
+
+
+def _restore_position(source: BatchSource, data: Any, rank: int, world: int) -> None:
+    """Hand ``source`` its saved position: this rank's of a per-rank list, or rank ``rank % saved ranks``'s when the
+    world size changed. A position that records the ``world_size`` it was drawn under is global (TokenWindows): the
+    source itself adapts it and says how; any other is reused as it is, with a notice."""
+    if isinstance(data, list):  # one position per rank
+        if len(data) != world and not (isinstance(data[0], dict) and "world_size" in data[0]):
+            notice(f"notice: checkpoint has data positions for {len(data)} ranks, running {world}: reusing")
+        data = data[rank % len(data)]
+    if data is not None:
+        source.load_state_dict(data)
 
 
 def save_state(
