@@ -22,6 +22,7 @@ from {{ cookiecutter.package }}.config import LoraSettings, ModelConfig, OptimCo
 from {{ cookiecutter.package }}.lora import apply_lora
 from {{ cookiecutter.package }}.model.hf import hf_config_dict
 from {{ cookiecutter.package }}.model.lm import LlamaLM
+from {{ cookiecutter.package }}.train.distributed import DistInfo, wrap_fsdp
 from {{ cookiecutter.package }}.train.optim import build_optimizer
 
 # Small, but every width differs (GQA 6:2, SwiGLU 224, vocabulary 512), so a term with the wrong width shows.
@@ -134,10 +135,10 @@ FSDP_CASES = [("fp32", False), ("bf16", False), ("bf16", True)]  # (precision, a
 
 
 def _fsdp_rank(rank: int, store: str, out: str) -> None:
-    """Each case of FSDP_CASES on rank ``rank`` of 2: fully_shard per block then the root (bf16 policy: bf16 weights,
-    fp32 gradient reduction), one step to create the optimizer state, then a measured one; rank 0 saves the figures."""
+    """Each case of FSDP_CASES on rank ``rank`` of 2: sharded as training shards it (``wrap_fsdp``: fully_shard per
+    block then the root; bf16 policy: bf16 weights, fp32 gradient reduction), one step to create the optimizer state,
+    then a measured one; rank 0 saves the figures."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     torch.set_num_threads(1)
     timeout = datetime.timedelta(seconds=120)  # a rank that never arrives fails the test instead of hanging it
@@ -146,10 +147,8 @@ def _fsdp_rank(rank: int, store: str, out: str) -> None:
     for precision, checkpointing in FSDP_CASES:
         torch.manual_seed(0)
         model = LlamaLM(ModelConfig(**SHAPE, activation_checkpointing=checkpointing))
-        policy = MixedPrecisionPolicy(param_dtype=getattr(torch, {"bf16": "bfloat16"}.get(precision, "float32")))
-        for block in model.layers:
-            fully_shard(block, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
+        param_dtype = torch.bfloat16 if precision == "bf16" else None
+        model = wrap_fsdp(model, DistInfo(rank=rank, world_size=2), param_dtype)
         optimizer = torch.optim.AdamW(model.parameters(), foreach=True)
         ids = torch.randint(0, SHAPE["vocab_size"], (BATCH, SEQ))
         tracker = FSDPMemTracker(model, optimizer)
