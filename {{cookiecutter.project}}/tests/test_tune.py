@@ -143,7 +143,8 @@ def test_a_study_runs_normal_trials_and_leaves_a_recipe_plots_and_hparams(tmp_pa
     assert recipe.train.max_steps == 8 and recipe.name == "pretrain"  # the overrides; a run of its own name
     assert sorted(p.name for p in (study_dir / "plots").iterdir()) == sorted(tune_report_plots())
     rows = (study_dir / "trials.tsv").read_text().splitlines()
-    assert rows[0].split("\t")[:3] == ["trial", "state", "loss"] and len(rows) == 3
+    assert rows[0].split("\t")[:6] == ["trial", "state", "loss", "run", "seconds", "cpu_seconds"] and len(rows) == 3
+    assert all(t.user_attrs["cpu_seconds"] > 0 for t in trials)  # the worker's CPU time in each trial
     assert all(list((study_dir / "tb" / f"trial-{t.number:03d}").rglob("events.out.tfevents.*")) for t in trials)
     out = capsys.readouterr().out
     assert f"best: trial {best.number}, validation loss {best.value:.4g}" in out
