@@ -28,12 +28,13 @@ def test_ci_runs_the_readme_test_command() -> None:
     ci = (TEMPLATE / ".ci" / "run").read_text()
     steps = [line.strip() for line in ci.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     assert steps[-1] == quickstart_commands()[1]
-    # The only other things CI may do: start a Docker engine for the container tier, and put the CPU wheel into the
-    # venv `make test` uses (and the usual preamble).
+    # The only other things CI may do: start a Docker engine for the container tier, install PostgreSQL for the
+    # generated project's shared-study test, and put the CPU wheel into the venv `make test` uses (and the preamble).
     makefile = (TEMPLATE / "Makefile").read_text()
     venv_python = re.search(r"^\s*PY := (\.venv/\S+)$", makefile, re.M).group(1)
     assert [s for s in steps[:-1] if not s.startswith(("set ", "cd "))] == [
         ". .ci/docker-engine",
+        ". .ci/postgresql",
         "make venv",
         f"{venv_python} -m pip install torch==2.13.0",
     ]

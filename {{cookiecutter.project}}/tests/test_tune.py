@@ -6,11 +6,15 @@ best.yaml that --config takes, plots, hparams). Vision's study: test_vision.py."
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import optuna
@@ -139,7 +143,8 @@ def test_a_study_runs_normal_trials_and_leaves_a_recipe_plots_and_hparams(tmp_pa
     assert recipe.train.max_steps == 8 and recipe.name == "pretrain"  # the overrides; a run of its own name
     assert sorted(p.name for p in (study_dir / "plots").iterdir()) == sorted(tune_report_plots())
     rows = (study_dir / "trials.tsv").read_text().splitlines()
-    assert rows[0].split("\t")[:3] == ["trial", "state", "loss"] and len(rows) == 3
+    assert rows[0].split("\t")[:6] == ["trial", "state", "loss", "run", "seconds", "cpu_seconds"] and len(rows) == 3
+    assert all(t.user_attrs["cpu_seconds"] > 0 for t in trials)  # the worker's CPU time in each trial
     assert all(list((study_dir / "tb" / f"trial-{t.number:03d}").rglob("events.out.tfevents.*")) for t in trials)
     out = capsys.readouterr().out
     assert f"best: trial {best.number}, validation loss {best.value:.4g}" in out
@@ -179,28 +184,86 @@ def test_a_trial_the_program_refuses_fails_alone_and_the_study_goes_on(tmp_path,
     assert "trial 0: failed: the program refused its config (the error above)" in err
 
 
-def _start(space: Path, out: Path, env: dict, package: str) -> subprocess.Popen:
-    argv = [sys.executable, "-m", f"{package}.tune", "--space", str(space), "--out_dir", str(out)]
+def _start(space: Path, out: Path, env: dict, package: str, *extra: str) -> subprocess.Popen:
+    argv = [sys.executable, "-m", f"{package}.tune", "--space", str(space), "--out_dir", str(out), *extra]
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _two_workers_share(space: Path, out: Path, env: dict, package: str, storage: Callable, *extra: str) -> None:
+    """Two workers on one study of 4 trials (``extra``: their storage option; ``storage()`` opens it): trials 0 to
+    3, each complete, each run by exactly one worker, both taking part."""
+    workers = [_start(space, out, env, package, *extra) for _ in range(2)]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    study = optuna.load_study(study_name="tune-space", storage=storage())
+    assert [t.number for t in study.trials] == [0, 1, 2, 3]
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert len({t.user_attrs["worker"] for t in study.trials}) == 2  # both took part
+    runs = sorted(p.name for p in (out / "tune-space" / "trials").iterdir())
+    assert runs == [f"trial-{n:03d}" for n in range(4)]
+    for output in outputs:  # each trial ran in exactly one worker
+        assert sum(f"trial {n}: validation loss" in output for n in range(4)) >= 1
+    assert sum(f"trial {n}: validation loss" in output for n in range(4) for output in outputs) == 4
 
 
 @pytest.mark.slow
 def test_two_workers_share_one_study_without_losing_or_repeating_a_trial(
     tmp_path, pretrain_args, subprocess_env, package_name
 ):
-    space = _space(tmp_path, pretrain_args, trials=4)
-    workers = [_start(space, tmp_path / "runs", subprocess_env, package_name) for _ in range(2)]
-    outputs = [w.communicate(timeout=600)[0] for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], outputs
-    study = optuna.load_study(study_name="tune-space", storage=_storage(tmp_path / "runs" / "tune-space"))
-    assert [t.number for t in study.trials] == [0, 1, 2, 3]
-    assert all(t.state == TrialState.COMPLETE for t in study.trials)
-    assert len({t.user_attrs["worker"] for t in study.trials}) == 2  # both took part
-    runs = sorted(p.name for p in (tmp_path / "runs" / "tune-space" / "trials").iterdir())
-    assert runs == [f"trial-{n:03d}" for n in range(4)]
-    for output in outputs:  # each trial ran in exactly one worker
-        assert sum(f"trial {n}: validation loss" in output for n in range(4)) >= 1
-    assert sum(f"trial {n}: validation loss" in out for n in range(4) for out in outputs) == 4
+    space, out = _space(tmp_path, pretrain_args, trials=4), tmp_path / "runs"
+    _two_workers_share(space, out, subprocess_env, package_name, lambda: _storage(out / "tune-space"))
+
+
+POSTGRES_MISSING = "PostgreSQL is not installed (Debian: apt-get install postgresql; pip install psycopg2-binary)"
+
+
+def _postgres_bindir() -> Path | None:
+    """The server's programs (initdb, pg_ctl): where pg_config says, else Debian's versioned directory."""
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        done = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True)
+        if done.returncode == 0 and (Path(done.stdout.strip()) / "initdb").is_file():
+            return Path(done.stdout.strip())
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    return found[-1].parent if found else None
+
+
+@pytest.fixture
+def postgres_url():
+    """A throw-away PostgreSQL cluster on a unix socket, its database ``study``: its SQLAlchemy URL."""
+    bindir = _postgres_bindir()
+    if bindir is None:
+        pytest.skip(POSTGRES_MISSING)
+    pytest.importorskip("psycopg2", reason=POSTGRES_MISSING)
+    root = Path(tempfile.mkdtemp(prefix="pg"))  # short: a socket's path has at most 107 bytes
+    as_owner: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root: the cluster is the postgres user's
+        shutil.chown(root, "postgres")
+        as_owner = ["runuser", "-u", "postgres", "--"]
+    server = f"-k {root} -c listen_addresses='' -F"  # no TCP port to collide with; no fsync in a throw-away
+    steps = [
+        ["initdb", "-D", f"{root}/data", "-A", "trust", "-U", "tune", "--no-sync", "-E", "UTF8"],
+        ["pg_ctl", "-D", f"{root}/data", "-l", f"{root}/server.log", "-o", server, "-w", "start"],
+        ["createdb", "-h", str(root), "-U", "tune", "study"],
+    ]
+    try:
+        for program, *args in steps:
+            argv = [*as_owner, str(bindir / program), *args]
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, f"{program}: {done.stdout[-2000:]}{done.stderr[-2000:]}"
+        yield f"postgresql+psycopg2://tune@/study?host={root}"
+    finally:
+        stop = [*as_owner, str(bindir / "pg_ctl"), "-D", f"{root}/data", "-m", "immediate", "stop"]
+        subprocess.run(stop, capture_output=True, timeout=120)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_postgresql_study(tmp_path, pretrain_args, subprocess_env, package_name, postgres_url):
+    space, out = _space(tmp_path, pretrain_args, trials=4), tmp_path / "runs"
+    storage = partial(optuna.storages.RDBStorage, postgres_url)
+    _two_workers_share(space, out, subprocess_env, package_name, storage, "--storage", postgres_url)
+    assert not (out / "tune-space" / "journal.log").exists()  # the study lived in the database
 
 
 @pytest.mark.slow

@@ -29,6 +29,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -260,11 +261,13 @@ def run(cfg: TuneConfig, dbg: DebugConfig | None = None) -> Any:
     lock = optuna.storages.journal.JournalFileOpenLock(str(study_dir / "tune"))
     print(f"study {study.study_name}: {space.trials} trials of {space.program}, {goal}imize validation {metric}")
     while (trial := next_trial(optuna, study, space.trials, lock)) is not None:
+        cpu = time.process_time()  # what a trial costs even on a shared machine, where its wall time is the load's
         try:
             state, value = run_trial(optuna, space, trial, study_dir, trial_dbg, metric)
         except KeyboardInterrupt:
             retry(optuna, study, study.trials[trial.number])
             raise
+        trial.set_user_attr("cpu_seconds", round(time.process_time() - cpu, 1))
         study.tell(trial, value, state=state)
         if value is not None:
             print(f"trial {trial.number}: validation {metric} {value:.4g}", flush=True)

@@ -29,14 +29,15 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def trials_table(study: Any, metric: str) -> list[list[str]]:
-    """Header and one row per trial: number, state, value, run, duration, parameters."""
+    """Header and one row per trial: number, state, value, run, duration, CPU time of its worker, parameters."""
     names = sorted({name for t in study.trials for name in t.params})
-    rows = [["trial", "state", metric, "run", "seconds", *names]]
+    rows = [["trial", "state", metric, "run", "seconds", "cpu_seconds", *names]]
     for t in study.trials:
         seconds = f"{t.duration.total_seconds():.0f}" if t.duration is not None else ""
+        cpu = f"{t.user_attrs['cpu_seconds']:.0f}" if "cpu_seconds" in t.user_attrs else ""
         value = f"{t.value:.4g}" if t.value is not None else ""
         params = [_short(t.params[name]) if name in t.params else "" for name in names]
-        rows.append([str(t.number), t.state.name, value, str(t.user_attrs.get("run", "")), seconds, *params])
+        rows.append([str(t.number), t.state.name, value, str(t.user_attrs.get("run", "")), seconds, cpu, *params])
     return rows
 
 
