@@ -97,8 +97,8 @@ def test_debug_profile(tmp_path, pretrain_args, debug_first):
     assert not (tmp_path / "runs" / "tiny").exists()
 
 
-def test_missing_data_path(tmp_path, pretrain_args, capsys):
-    assert _exit_code([*pretrain_args, "--data.path", str(tmp_path / "nope.txt")]) == 2
+def test_missing_data_source(tmp_path, pretrain_args, capsys):
+    assert _exit_code([*pretrain_args, "--data.source", str(tmp_path / "nope.txt")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: data: ") and "nope.txt" in err and err.count("\n") == 0
     assert not (tmp_path / "runs" / "tiny" / "config.yaml").exists()
