@@ -127,3 +127,19 @@ def test_lora_bench_tiny(capsys):
     assert rows[2]["ours_over_transformers"] == pytest.approx(rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"], 1e-2)
     # same base weights, same LoRA start, same batches and optimizer: the same losses
     assert rows[2]["loss_abs_diff"] < 1e-3
+
+
+@pytest.mark.slow
+def test_prepare_bench_counts_the_same_tokens_as_tokenizers(capsys, tmp_path):
+    bench.main(
+        ["prepare", "--mb", "0.3", "--repeats", "1", "--rss-mb", "0.1", "--vocab-size", "300", "--dir", str(tmp_path)]
+    )
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert [r["model"] for r in rows] == ["ours", "tokenizers", "ratio", "ours"]
+    ours, library, ratio, small = rows
+    # Same documents, same tokenizer: ours adds exactly one EOS per document to the library's tokens.
+    assert ours["documents"] == library["documents"] > 30 and ours["tokens"] == library["tokens"] + ours["documents"]
+    assert ratio["ours_over_tokenizers"] == pytest.approx(ours["tokens_per_s"] / library["tokens_per_s"], rel=1e-2)
+    assert small["mb"] == 0.1 and 0 < small["tokens"] < ours["tokens"] / 2
+    assert all(r["peak_rss_mib"] > 0 and r["tokens_per_s_min"] <= r["tokens_per_s"] for r in (ours, library, small))
+    assert list(tmp_path.iterdir()) == []  # the generated corpus and caches are removed

@@ -5,6 +5,8 @@
     python -m <pkg>.bench lora --rank 8 [--compile]      # LoRA fine-tune step: ours (train_step + peft) vs
                                                          # transformers + peft
     python -m <pkg>.bench gpu-check                      # CUDA only: gpt2-small, bf16, eager and compiled, one table
+    python -m <pkg>.bench prepare [--mb 100]             # corpus preparation tokens/s vs tokenizers, peak memory
+                                                         # (bench_prepare.py, which describes its method)
 
 Prints one JSON object per line: one per model (tokens/s, step time median and spread, MFU, final loss), then the
 ratio. Method, so the figures can be trusted:
@@ -38,6 +40,7 @@ import sys
 import torch
 from torch import nn
 
+from . import bench_prepare
 from .bench_timing import (
     PlainLoop,
     Trainer,
@@ -275,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shape(p, preset="gpt2-small")
     _add_common(p, dtype="bf16")
     p.set_defaults(func=bench_gpu_check)
+    bench_prepare.add_parser(sub)
     return parser
 
 
