@@ -304,3 +304,15 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, pretrain_args, capsys, monkey
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and err.count("\n") == 0 and message in err, err
     assert not list((tmp_path / "cache").glob("tokens-*"))  # nothing a later run would read
+
+
+def test_progress_lines_in_a_log_say_tokens_per_second_and_eta(capsys, monkeypatch):
+    monkeypatch.setattr(token_cache.Progress, "LINE_SECONDS", 0.0)  # a line at every update
+    progress = token_cache.Progress(total=4_000_000_000, done=1_000_000_000, enabled=True)  # resumed at 1 GB
+    progress.start -= 10.0  # 10 s ago: 1 GB of the 3 GB left took 10 s
+    progress.update(1_000_000_000, 250_000_000)
+    progress.close()
+    line = capsys.readouterr().err.strip()
+    assert line == "tokenize: 2.00 GB of ~4.00 GB, 25.00M tok/s, ETA 00:20", line
+    token_cache.Progress(total=None, done=0, enabled=False).update(10, 5)  # disabled: silent
+    assert capsys.readouterr().err == ""

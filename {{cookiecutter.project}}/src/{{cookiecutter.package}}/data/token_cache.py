@@ -27,6 +27,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -204,22 +205,40 @@ def _encode_into(
 # Preparation
 # ----------------------------------------------------------------------------------------------------------------------
 class Progress:
-    """tqdm over characters of text (ETA from the source's size) with tokens/s; silent when log is None."""
+    """Characters of text done (ETA from the source's size) and tokens/s: a tqdm bar on a terminal, else a plain line
+    every LINE_SECONDS (batch jobs' logs); silent when not enabled."""
+
+    LINE_SECONDS = 60.0
 
     def __init__(self, total: int | None, done: int, enabled: bool):
-        self.bar = None
-        self.start, self.tokens = time.perf_counter(), 0
-        if enabled:
+        self.total, self.done, self.enabled, self.bar = total, done, enabled, None
+        self.start = self.last_line = time.perf_counter()
+        self.tokens, self.chars = 0, 0
+        if enabled and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=done, unit="B", unit_scale=True, desc="tokenize", disable=None)
+            self.bar = tqdm(total=total, initial=done, unit="B", unit_scale=True, desc="tokenize", dynamic_ncols=True)
 
     def update(self, chars: int, tokens: int) -> None:
-        self.tokens += tokens
+        self.tokens, self.chars, self.done = self.tokens + tokens, self.chars + chars, self.done + chars
+        now = time.perf_counter()
+        rate = self.tokens / max(now - self.start, 1e-9)
         if self.bar is not None:
             self.bar.update(chars)
-            rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
             self.bar.set_postfix_str(f"{rate / 1e6:.2f}M tok/s", refresh=False)
+        elif self.enabled and now - self.last_line >= self.LINE_SECONDS:
+            self.last_line = now
+            print(self.line(rate, now), file=sys.stderr, flush=True)
+
+    def line(self, rate: float, now: float) -> str:
+        from tqdm import tqdm
+
+        of = f" of ~{self.total / 1e9:.2f} GB" if self.total else ""
+        eta = ""
+        if self.total and self.chars:
+            left = max(self.total - self.done, 0) * (now - self.start) / self.chars
+            eta = f", ETA {tqdm.format_interval(left)}"
+        return f"tokenize: {self.done / 1e9:.2f} GB{of}, {rate / 1e6:.2f}M tok/s{eta}"
 
     def close(self) -> None:
         if self.bar is not None:
