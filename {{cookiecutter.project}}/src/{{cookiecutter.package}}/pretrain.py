@@ -8,6 +8,7 @@ checkpoints into ``runs/<name>/checkpoints`` and finally exports a transformers 
     python -m <package>.pretrain --config configs/pretrain.yaml --debug        # tiny: < 1 min on a laptop CPU
     python -m <package>.pretrain --config configs/pretrain.yaml --train.max_steps 20 --train.resume auto
     python -m <package>.pretrain --debug --debugpy 5678 --wait-for-client      # attach VS Code, then step
+    python -m <package>.pretrain --data.source "data/*.parquet" --data.prepare_only true   # tokenize, then torchrun
     torchrun --nproc_per_node=2 -m <package>.pretrain --config configs/pretrain.yaml
 
 Exit codes: 0 done, 2 bad input (config, data source, vocab size, existing run), 1 non-finite loss.
@@ -106,6 +107,9 @@ def run(cfg: PretrainConfig, dbg: DebugConfig | None = None) -> list[dict]:
     from .model.lm import LlamaLM
 
     dbg = dbg or DebugConfig()
+    if cfg.data.prepare_only:  # no run directory, no model: the cache a training run then reuses
+        prepare_data(cfg, is_main=True)
+        return []
     with training_run(cfg, dbg) as run:
         info, run_dir = run.info, run.run_dir
         run.start(cfg)

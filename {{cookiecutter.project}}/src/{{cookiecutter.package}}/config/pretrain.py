@@ -27,6 +27,9 @@ class DataConfig:
     sampling: Literal["random", "sequential"] = "random"  # random windows, or consecutive ones (epoch-like passes)
     val_fraction: float = 0.05  # share of the token stream held out for evaluation (chunks spread evenly)
     cache_dir: str = ".cache/data"  # packed token arrays, keyed by the source's fingerprint + tokenizer + split
+    # Tokenize into cache_dir and exit: prepare a large corpus in one process before `torchrun` (whose other ranks
+    # would otherwise wait at a barrier, with its timeout, for the whole preparation).
+    prepare_only: bool = False
     # No num_workers here: training windows are slices of a memory-mapped token array, read in the training process
     # (microseconds per batch), so there is no DataLoader and nothing a debugger could miss in a worker process.
 
