@@ -80,6 +80,10 @@ def test_every_source_type_reads_the_same_documents_and_tokens(tmp_path, tok):
         assert cache.meta["documents"] == 10
     assert [s.kind for s in map(resolve_source, (kinds["saved dataset"], kinds["folder"]))] == ["saved", "files"]
     assert list(resolve_source(kinds["saved DatasetDict"], split="validation").documents()) == DOCS[:2]
+    # The progress bar's total: characters of text, also for compressed parquet (from its metadata).
+    text_chars = sum(map(len, DOCS))
+    for kind in ("folder", "parquet", "parquet glob"):
+        assert 0.95 * text_chars < resolve_source(kinds[kind]).size_chars() < 1.1 * text_chars, kind
     with pytest.raises(ConfigError, match=r"saved_dict: no split 'test' \(data.split\); it has \['train', 'valid"):
         list(resolve_source(kinds["saved DatasetDict"], split="test").documents())
 

@@ -214,7 +214,25 @@ class Source:
             info = getattr(self.dataset(), "info", None)
             split = (info.splits or {}).get(self.split) if info is not None and info.splits else None
             return getattr(split, "num_bytes", None) or None
-        return sum(f.stat().st_size for f in self.files)
+        return sum(file_chars(f, self.text_key) for f in self.files)
+
+
+def file_chars(path: Path, text_key: str) -> int:
+    """About how many characters of text a file holds: its size, or for parquet (compressed) the uncompressed size
+    of its text column from the file's metadata."""
+    if path.suffix.lower() != ".parquet":
+        return path.stat().st_size
+    require_datasets(f"reading {path.name}")
+    import pyarrow.parquet as pq
+
+    meta = pq.read_metadata(path)
+    if meta.num_row_groups == 0:
+        return 0
+    names = [meta.row_group(0).column(i).path_in_schema for i in range(meta.num_columns)]
+    if text_key not in names:
+        return path.stat().st_size
+    column = names.index(text_key)
+    return sum(meta.row_group(g).column(column).total_uncompressed_size for g in range(meta.num_row_groups))
 
 
 def file_fingerprint(path: Path) -> list:
