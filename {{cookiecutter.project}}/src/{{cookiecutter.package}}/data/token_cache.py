@@ -166,10 +166,12 @@ class Staging:
         self.shards.append(record)
         self._write_manifest()
 
-    def arrays(self, dtype: np.dtype) -> Iterator[np.ndarray]:
+    def blocks(self, dtype: np.dtype, block: int) -> Iterator[np.ndarray]:
+        """The shards' tokens in order, `block` at a time, read (not memory-mapped: resident memory stays flat)."""
         for shard in self.shards:
-            if shard["tokens"]:
-                yield np.memmap(self.path / shard["file"], dtype=dtype, mode="r", shape=(shard["tokens"],))
+            with open(self.path / shard["file"], "rb") as f:
+                while len(ids := np.fromfile(f, dtype=dtype, count=block)):
+                    yield ids
 
 
 @dataclass
@@ -292,9 +294,8 @@ def assemble(staging: Staging, out_dir: Path, dtype: np.dtype, val_fraction: flo
     """The staged shards, in order, into out_dir/{train,val}.bin by the chunk rule; returns the token counts."""
     with open(out_dir / "train.bin", "wb") as train_f, open(out_dir / "val.bin", "wb") as val_f:
         packer = _Packer({"train": train_f, "val": val_f}, dtype, val_fraction, chunk_tokens)
-        for tokens in staging.arrays(dtype):
-            for start in range(0, len(tokens), COPY_TOKENS):
-                packer.add(np.array(tokens[start : start + COPY_TOKENS]))
+        for ids in staging.blocks(dtype, COPY_TOKENS):
+            packer.add(ids)
         return packer.finish()
 
 
