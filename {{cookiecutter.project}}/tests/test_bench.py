@@ -140,6 +140,9 @@ def test_prepare_bench_counts_the_same_tokens_as_tokenizers(capsys, tmp_path):
     # Same documents, same tokenizer: ours adds exactly one EOS per document to the library's tokens.
     assert ours["documents"] == library["documents"] > 30 and ours["tokens"] == library["tokens"] + ours["documents"]
     assert ratio["ours_over_tokenizers"] == pytest.approx(ours["tokens_per_s"] / library["tokens_per_s"], rel=1e-2)
+    cpu_ratio = ours["tokens_per_cpu_s"] / library["tokens_per_cpu_s"]
+    assert ratio["ours_over_tokenizers_cpu"] == pytest.approx(cpu_ratio, rel=1e-2)
     assert small["mb"] == 0.1 and 0 < small["tokens"] < ours["tokens"] / 2
-    assert all(r["peak_rss_mib"] > 0 and r["tokens_per_s_min"] <= r["tokens_per_s"] for r in (ours, library, small))
+    for r in (ours, library, small):
+        assert r["peak_rss_mib"] > 0 and r["tokens_per_s_min"] <= r["tokens_per_s"] and r["tokens_per_cpu_s"] > 0
     assert list(tmp_path.iterdir()) == []  # the generated corpus and caches are removed

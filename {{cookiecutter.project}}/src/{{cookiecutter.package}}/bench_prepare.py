@@ -9,9 +9,10 @@ trained on the built-in corpus. Then, alternating A B A B (``--repeats`` rounds)
 - ours: ``prepare_tokens`` end to end: read and parse the JSONL, encode, stage shards, assemble train/val, publish;
 - tokenizers: the same documents, already parsed into memory before the clock starts, through the library's
   ``encode_batch_fast`` in batches of the same size, on the same cores: what the encoding alone costs.
-Rows: tokens/s (median, min, max over rounds) and peak resident memory (ru_maxrss of the process) of each, then the
-ratio ours / tokenizers. ``--rss-mb`` sizes get one extra run of ours each, for memory at several corpus sizes (flat
-is the goal: nothing grows with the corpus).
+Rows: tokens/s (median, min, max over rounds), tokens per CPU-second (user + system time of all the process's threads:
+the cost of the work on shared cores, whatever else runs there) and peak resident memory (ru_maxrss of the process)
+of each, then the ratios ours / tokenizers. ``--rss-mb`` sizes get one extra run of ours each, for memory at several
+corpus sizes (flat is the goal: nothing grows with the corpus).
 """
 
 from __future__ import annotations
@@ -56,28 +57,35 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads: on shared cores, what the work cost whatever the load."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_ours(corpus: Path, tokenizer: Path, work: Path) -> dict:
     cache, tok = work / "cache", load_tokenizer(tokenizer)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     result = prepare_tokens(resolve_source(corpus), tok, cache, progress=False)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     tokens = result.meta["train_tokens"] + result.meta["val_tokens"]
     shutil.rmtree(cache)
-    return {"tokens": tokens, "seconds": seconds, "documents": result.meta["documents"]}
+    return {"tokens": tokens, "seconds": seconds, "cpu_seconds": cpu, "documents": result.meta["documents"]}
 
 
 def run_tokenizers(corpus: Path, tokenizer: Path) -> dict:
     backend = load_tokenizer(tokenizer).backend_tokenizer
     with open(corpus, encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for line in f]
-    start, tokens, i = time.perf_counter(), 0, 0
+    start, cpu, tokens, i = time.perf_counter(), cpu_seconds(), 0, 0
     while i < len(texts):  # the same batching rule as ours: up to BATCH_CHARS characters or BATCH_PIECES texts
         j, chars = i, 0
         while j < len(texts) and chars < BATCH_CHARS and j - i < BATCH_PIECES:
             chars, j = chars + len(texts[j]), j + 1
         tokens += sum(len(e) for e in backend.encode_batch_fast(texts[i:j], add_special_tokens=False))
         i = j
-    return {"tokens": tokens, "seconds": time.perf_counter() - start, "documents": len(texts)}
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    return {"tokens": tokens, "seconds": seconds, "cpu_seconds": cpu, "documents": len(texts)}
 
 
 def worker(argv: list[str]) -> None:
@@ -98,12 +106,14 @@ def spawn(which: str, corpus: Path, tokenizer: Path, work: Path) -> dict:
 
 def summarize(name: str, runs: list[dict], common: dict) -> dict:
     rates = [r["tokens"] / r["seconds"] for r in runs]
+    cpu_rates = [r["tokens"] / r["cpu_seconds"] for r in runs]
     return {
         **common,
         "model": name,
         "tokens_per_s": round(statistics.median(rates)),
         "tokens_per_s_min": round(min(rates)),
         "tokens_per_s_max": round(max(rates)),
+        "tokens_per_cpu_s": round(statistics.median(cpu_rates)),
         "tokens": runs[0]["tokens"],
         "documents": runs[0]["documents"],
         "seconds_median": round(statistics.median(r["seconds"] for r in runs), 2),
@@ -125,7 +135,9 @@ def bench_prepare(args: argparse.Namespace) -> list[dict]:
                 runs[which].append(spawn(which, corpus, tokenizer, work))
         rows = [summarize(which, r, common) for which, r in runs.items()]
         ratio = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
-        rows.append({**common, "model": "ratio", "ours_over_tokenizers": round(ratio, 3), "repeats": args.repeats})
+        cpu_ratio = rows[0]["tokens_per_cpu_s"] / rows[1]["tokens_per_cpu_s"]
+        ratios = {"ours_over_tokenizers": round(ratio, 3), "ours_over_tokenizers_cpu": round(cpu_ratio, 3)}
+        rows.append({**common, "model": "ratio", **ratios, "repeats": args.repeats})
         for mb in args.rss_mb:
             write_corpus(corpus, mb, args.seed)
             rows.append(summarize("ours", [spawn("ours", corpus, tokenizer, work)], {**common, "mb": mb}))
