@@ -104,6 +104,13 @@ def test_files_are_read_by_their_format_or_refused_in_one_line(tmp_path):
         with pytest.raises(ConfigError, match=message) as err:
             list(resolve_source(tmp_path / name).pieces())
         assert "\n" not in str(err.value)
+    # Right magic bytes, damaged file: one line naming it.
+    (tmp_path / "damaged.parquet").write_bytes((tmp_path / "really_parquet.txt").read_bytes()[:200])
+    (tmp_path / "damaged.arrow").write_bytes(b"ARROW1\0\0 and then nothing")
+    for name in ("damaged.parquet", "damaged.arrow"):
+        with pytest.raises(ConfigError, match=rf"{name}: not a readable (parquet|arrow) file \(") as err:
+            list(resolve_source(tmp_path / name).pieces())
+        assert "\n" not in str(err.value)
     # UTF-8 cut mid-character at the end of the checked block is still text.
     (tmp_path / "long.txt").write_bytes(b"a" * (sources.SAMPLE_BYTES - 1) + "é more".encode())
     assert next(resolve_source(tmp_path / "long.txt").documents()).endswith("é more")

@@ -123,16 +123,29 @@ def _check_column(path: Path, names: Sequence[str], text_key: str) -> None:
 
 
 def table_texts(path: Path, kind: str, text_key: str) -> Iterator[str]:
-    """The `text_key` column of a parquet or Arrow (IPC file or stream) file, ROW_BATCH rows at a time."""
+    """The `text_key` column of a parquet or Arrow (IPC file or stream) file, ROW_BATCH rows at a time; a damaged
+    file is one line naming it."""
     require_datasets(f"reading {path.name}")
     import pyarrow as pa
+
+    try:
+        yield from (_parquet_texts if kind == "parquet" else _arrow_texts)(path, text_key)
+    except (pa.ArrowException, OSError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"{path}: not a readable {kind} file ({reason})") from None
+
+
+def _parquet_texts(path: Path, text_key: str) -> Iterator[str]:
     import pyarrow.parquet as pq
 
-    if kind == "parquet":
-        pf = pq.ParquetFile(path)
-        _check_column(path, pf.schema_arrow.names, text_key)
-        yield from _column_texts(pf.iter_batches(batch_size=ROW_BATCH, columns=[text_key]), text_key)
-        return
+    pf = pq.ParquetFile(path)
+    _check_column(path, pf.schema_arrow.names, text_key)
+    yield from _column_texts(pf.iter_batches(batch_size=ROW_BATCH, columns=[text_key]), text_key)
+
+
+def _arrow_texts(path: Path, text_key: str) -> Iterator[str]:
+    import pyarrow as pa
+
     with pa.memory_map(str(path)) as source:
         is_file = source.read(6) == b"ARROW1"
         source.seek(0)
