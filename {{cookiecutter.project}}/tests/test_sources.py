@@ -1,13 +1,11 @@
 """Pretraining sources (every format, the hub), resumable preparation and its cache key, and bad inputs as one line
 and exit code 2 from the pretrain entry point."""
 
-import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import datasets
@@ -329,24 +327,3 @@ def test_progress_lines_in_a_log_say_tokens_per_second_and_eta(capsys, monkeypat
     assert line == "tokenize: 2.00 GB of ~4.00 GB, 25.00M tok/s, ETA 00:20", line
     token_cache.Progress(total=None, done=0, enabled=False).update(10, 5)  # disabled: silent
     assert capsys.readouterr().err == ""
-
-
-def test_read_ahead_keeps_order_raises_in_order_and_stops_its_thread():
-    assert list(token_cache.read_ahead(iter(range(100)), depth=3)) == list(range(100))
-
-    def failing():
-        yield from (1, 2)
-        raise ConfigError("bad.txt: binary")
-
-    got = []
-    with pytest.raises(ConfigError, match="bad.txt: binary"):
-        for item in token_cache.read_ahead(failing()):
-            got.append(item)
-    assert got == [1, 2]  # everything before the error arrives first
-    endless = token_cache.read_ahead(itertools.count())
-    assert [next(endless) for _ in range(5)] == [0, 1, 2, 3, 4]
-    endless.close()  # the consumer stops early: the producer thread ends too
-    deadline = time.monotonic() + 5
-    while any(t.name == "read-ahead" for t in threading.enumerate()) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not any(t.name == "read-ahead" for t in threading.enumerate())

@@ -15,7 +15,9 @@ The key hashes the source's fingerprint (local files by path, size, mtime and a 
 tokenizer and the split settings, so editing a file or changing the tokenizer re-tokenizes, nothing else does.
 
 Parallelism: `tokenizers`' Rust encode_batch already spreads a batch over every core (its own thread pool, without
-the GIL); the Python around it (reading, numpy packing) is a small share, measured by ``bench prepare``.
+the GIL). ``bench prepare`` measured the whole preparation at 0.84x the library's encode alone on 2 cores; most of the
+rest is taking the ids out of the library as Python lists (``Encoding.ids``) and into numpy. Reading the next batch
+in a background thread measured slower there (0.76x: it competes with the encoder's threads and for the GIL).
 Validation chunks are spread evenly over the stream (not just its tail) so every part of the corpus is represented.
 """
 
@@ -27,11 +29,9 @@ import itertools
 import json
 import math
 import os
-import queue
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -263,45 +263,6 @@ def batches(pieces: Iterator[Piece], skip: int) -> Iterator[list[Piece]]:
         yield batch
 
 
-class _Failed:
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
-def read_ahead(items: Iterator, depth: int = 2) -> Iterator:
-    """`items`, produced by a background thread up to `depth` ahead. Reading and parsing the next batch then overlaps
-    the encoding of this one (encode_batch releases the GIL), so on many cores the Python share (~3% of the CPU
-    time, measured) does not add to the wall time. An error in the thread is raised here, in order."""
-    buffer: queue.Queue = queue.Queue(maxsize=depth)
-    stop, done = threading.Event(), object()
-
-    def put(item: object) -> bool:
-        while not stop.is_set():
-            with contextlib.suppress(queue.Full):
-                buffer.put(item, timeout=0.1)
-                return True
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    return
-            put(done)
-        except BaseException as err:  # handed to the consumer, which raises it
-            put(_Failed(err))
-
-    thread = threading.Thread(target=produce, name="read-ahead", daemon=True)
-    thread.start()
-    try:
-        while (item := buffer.get()) is not done:
-            if isinstance(item, _Failed):
-                raise item.error
-            yield item
-    finally:
-        stop.set()  # the consumer stopped (done, or an error): the thread ends at its next put
-
-
 def encode_shards(
     source: Source, tokenizer: PreTrainedTokenizerBase, staging: Staging, *, shard_chars: int, progress: Progress
 ) -> None:
@@ -311,7 +272,7 @@ def encode_shards(
     skip = sum(s["pieces"] for s in staging.shards)
     in_doc = bool(staging.shards and staging.shards[-1]["in_doc"])
     shard: _Shard | None = None
-    for batch in read_ahead(batches(source.pieces(), skip)):
+    for batch in batches(source.pieces(), skip):
         if shard is None:
             tmp = staging.path / f".shard-{len(staging.shards):05d}.tmp"
             # Closed when the shard is published; a killed run's partial file is deleted by the next run.
