@@ -15,9 +15,9 @@ The key hashes the source's fingerprint (local files by path, size, mtime and a 
 tokenizer and the split settings, so editing a file or changing the tokenizer re-tokenizes, nothing else does.
 
 Parallelism: `tokenizers`' Rust encode_batch already spreads a batch over every core (its own thread pool, without
-the GIL). ``bench prepare`` measured the whole preparation at 0.84x the library's encode alone on 2 cores; most of the
-rest is taking the ids out of the library as Python lists (``Encoding.ids``) and into numpy. Reading the next batch
-in a background thread measured slower there (0.76x: it competes with the encoder's threads and for the GIL).
+the GIL). ``bench prepare`` measured the whole preparation at 0.84-0.86x the library's encode alone on 2 cores; most
+of the rest is taking the ids out of the library as Python lists (``Encoding.ids``) and into numpy. Reading the next
+batch in a background thread measured slower there (0.76x: it competes with the encoder's threads and for the GIL).
 Validation chunks are spread evenly over the stream (not just its tail) so every part of the corpus is represented.
 """
 
