@@ -84,7 +84,7 @@ def pretrain_args(small_corpus: Path, data_cache_dir: Path, tmp_path: Path) -> l
     return [
         "--name", "tiny",
         "--out_dir", str(tmp_path / "runs"),
-        "--data.path", str(small_corpus),
+        "--data.source", str(small_corpus),
         "--data.cache_dir", str(data_cache_dir),
         "--data.seq_len", "32",
         "--model.vocab_size", "320",

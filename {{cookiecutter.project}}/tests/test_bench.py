@@ -161,3 +161,22 @@ def test_loader_bench_reports_every_sampling_and_restores_the_process(capsys, tm
     # the process is as it was: torch threads, CPU affinity, and no token file left behind
     assert torch.get_num_threads() == threads and list(tmp_path.iterdir()) == []
     assert cores is None or os.sched_getaffinity(0) == cores
+
+
+@pytest.mark.slow
+def test_prepare_bench_counts_the_same_tokens_as_tokenizers(capsys, tmp_path):
+    bench.main(
+        ["prepare", "--mb", "0.3", "--repeats", "1", "--rss-mb", "0.1", "--vocab-size", "300", "--dir", str(tmp_path)]
+    )
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert [r["model"] for r in rows] == ["ours", "tokenizers", "ratio", "ours"]
+    ours, library, ratio, small = rows
+    # Same documents, same tokenizer: ours adds exactly one EOS per document to the library's tokens.
+    assert ours["documents"] == library["documents"] > 30 and ours["tokens"] == library["tokens"] + ours["documents"]
+    assert ratio["ours_over_tokenizers"] == pytest.approx(ours["tokens_per_s"] / library["tokens_per_s"], rel=1e-2)
+    cpu_ratio = ours["tokens_per_cpu_s"] / library["tokens_per_cpu_s"]
+    assert ratio["ours_over_tokenizers_cpu"] == pytest.approx(cpu_ratio, rel=1e-2)
+    assert small["mb"] == 0.1 and 0 < small["tokens"] < ours["tokens"] / 2
+    for r in (ours, library, small):
+        assert r["peak_rss_mib"] > 0 and r["tokens_per_s_min"] <= r["tokens_per_s"] and r["tokens_per_cpu_s"] > 0
+    assert list(tmp_path.iterdir()) == []  # the generated corpus and caches are removed

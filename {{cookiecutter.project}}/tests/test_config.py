@@ -301,7 +301,7 @@ def test_save_and_load_round_trip(tmp_path):
     cfg = PretrainConfig(
         name="x",
         model=ModelConfig(dim=64, n_heads=4, n_kv_heads=2, hidden_dim=128),
-        data=DataConfig(path="corpus.txt", seq_len=64),
+        data=DataConfig(source="corpus.txt", subset="x", streaming=True, seq_len=64),
         optim=OptimConfig(lr=1e-3, betas=(0.8, 0.99)),
         train=TrainConfig(max_steps=5, resume_from="runs/x/checkpoints/step-000004", precision="fp32"),
         sample=SampleConfig(prompts=["A\n", "B"], top_k=None),

@@ -10,11 +10,19 @@ import torch
 from {{ cookiecutter.package }}.data import token_cache
 from {{ cookiecutter.package }}.data.builtin import read_corpus_text
 from {{ cookiecutter.package }}.data.corpus import EvalWindows, TokenWindows, prepare_corpus
-from {{ cookiecutter.package }}.data.sources import iter_documents, jsonl_texts
-from {{ cookiecutter.package }}.data.token_cache import token_dtype, tokenize_corpus
+from {{ cookiecutter.package }}.data.sources import jsonl_texts, resolve_source
+from {{ cookiecutter.package }}.data.token_cache import prepare_tokens, token_dtype
 from {{ cookiecutter.package }}.data.tokenizer import train_tokenizer
 
 TEXT = read_corpus_text()[:40_000]
+
+
+def tokenize_corpus(path, tokenizer, cache_dir, **kwargs):
+    return prepare_tokens(resolve_source(path), tokenizer, cache_dir, **kwargs)
+
+
+def iter_documents(path, **kwargs):
+    return resolve_source(path, **kwargs).documents()
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +53,13 @@ def test_readers(tmp_path, text_dir):
 
 
 def test_reader_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="data path not found"):
+    with pytest.raises(ValueError, match="data source not found"):
         list(iter_documents(tmp_path / "nope"))
     with pytest.raises(ValueError, match="no files with suffixes"):
         list(iter_documents(tmp_path))
     p = tmp_path / "bad.jsonl"
     p.write_text('{"text": "ok"}\n{"body": "x"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected an object with a string field 'text'"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: no string field 'text' \(data.text_key\)"):
         list(jsonl_texts(p))
     p.write_text("{not json\n")
     with pytest.raises(ValueError, match="bad.jsonl:1: invalid JSON"):
@@ -91,13 +99,13 @@ def test_tiny_corpus_still_gets_validation(tmp_path, tok):
 
 def test_cache_reuse_and_invalidation(tmp_path, tok, monkeypatch):
     calls = []
-    real_pack = token_cache.pack_documents
+    real_encode = token_cache.encode_shards
 
-    def counting_pack(*args, **kwargs):
+    def counting_encode(*args, **kwargs):
         calls.append(1)
-        return real_pack(*args, **kwargs)
+        return real_encode(*args, **kwargs)
 
-    monkeypatch.setattr(token_cache, "pack_documents", counting_pack)
+    monkeypatch.setattr(token_cache, "encode_shards", counting_encode)
     f = tmp_path / "c.txt"
     f.write_text(TEXT[:10_000])
     first = tokenize_corpus(f, tok, tmp_path / "cache", chunk_tokens=512)
@@ -114,16 +122,17 @@ def test_cache_reuse_and_invalidation(tmp_path, tok, monkeypatch):
     other_tok = train_tokenizer([TEXT[:5000]], vocab_size=280)
     tokenize_corpus(f, other_tok, tmp_path / "cache", chunk_tokens=512)
     assert len(calls) == 4
-    # No temporary directories are left behind.
-    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]
+    # No temporary or staging directories are left behind.
+    leftovers = [p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith(".") or "staging" in p.name]
+    assert not leftovers
 
 
 def test_empty_corpus_error(tmp_path, tok):
     f = tmp_path / "empty.txt"
     f.write_text("  \n\n ")
-    with pytest.raises(ValueError, match="the corpus is empty"):
+    with pytest.raises(ValueError, match="empty.txt: empty, no document has any non-whitespace text"):
         tokenize_corpus(f, tok, tmp_path / "cache")
-    assert not list((tmp_path / "cache").iterdir())  # the failed entry was not published
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["locks"]  # nothing was published or staged
 
 
 def test_prepare_corpus_trains_and_caches_tokenizer(tmp_path, text_dir):
@@ -140,7 +149,7 @@ def test_prepare_corpus_trains_and_caches_tokenizer(tmp_path, text_dir):
 
 
 def test_prepare_corpus_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="data path not found"):
+    with pytest.raises(ValueError, match="data source not found: .*missing"):
         prepare_corpus(tmp_path / "missing", cache_dir=tmp_path, log=None)
 
 

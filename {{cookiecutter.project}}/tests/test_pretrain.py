@@ -97,11 +97,21 @@ def test_debug_profile(tmp_path, pretrain_args, debug_first):
     assert not (tmp_path / "runs" / "tiny").exists()
 
 
-def test_missing_data_path(tmp_path, pretrain_args, capsys):
-    assert _exit_code([*pretrain_args, "--data.path", str(tmp_path / "nope.txt")]) == 2
+def test_missing_data_source(tmp_path, pretrain_args, capsys):
+    assert _exit_code([*pretrain_args, "--data.source", str(tmp_path / "nope.txt")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: data: ") and "nope.txt" in err and err.count("\n") == 0
     assert not (tmp_path / "runs" / "tiny" / "config.yaml").exists()
+
+
+def test_prepare_only_fills_the_cache_that_training_reuses(tmp_path, pretrain_args, capsys):
+    args = [*pretrain_args, "--data.cache_dir", str(tmp_path / "cache")]
+    pretrain.main([*args, "--data.prepare_only", "true"])
+    out = capsys.readouterr().out
+    assert "cached in" in out and not (tmp_path / "runs").exists()  # no run directory, no model
+    assert len(list((tmp_path / "cache").glob("tokens-*/meta.json"))) == 1
+    pretrain.main(args)
+    assert "reused from" in capsys.readouterr().out
 
 
 def test_vocab_size_too_small_for_the_tokenizer(tmp_path, pretrain_args, capsys):

@@ -6,6 +6,8 @@
                                                          # transformers + peft
     python -m <pkg>.bench gpu-check                      # CUDA only: gpt2-small, bf16, eager and compiled, one table
     python -m <pkg>.bench loader                         # batches/s of the pretraining loader (bench_loader.py)
+    python -m <pkg>.bench prepare [--mb 100]             # corpus preparation tokens/s vs tokenizers, peak memory
+                                                         # (bench_prepare.py, which describes its method)
 
 Prints one JSON object per line: one per model (tokens/s, step time median and spread, MFU, final loss), then the
 ratio. Method, so the figures can be trusted:
@@ -39,7 +41,7 @@ import sys
 import torch
 from torch import nn
 
-from .bench_loader import add_parser as add_loader_parser
+from . import bench_loader, bench_prepare
 from .bench_timing import (
     PlainLoop,
     Trainer,
@@ -281,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shape(p, preset="gpt2-small")
     _add_common(p, dtype="bf16")
     p.set_defaults(func=bench_gpu_check)
-    add_loader_parser(sub)
+    bench_loader.add_parser(sub)
+    bench_prepare.add_parser(sub)
     return parser
 
 

@@ -8,10 +8,11 @@ checkpoints into ``runs/<name>/checkpoints`` and finally exports a transformers 
     python -m <package>.pretrain --config configs/pretrain.yaml --debug        # tiny: < 1 min on a laptop CPU
     python -m <package>.pretrain --config configs/pretrain.yaml --train.max_steps 20 --train.resume auto
     python -m <package>.pretrain --debug --debugpy 5678 --wait-for-client      # attach VS Code, then step
+    python -m <package>.pretrain --data.source "data/*.parquet" --data.prepare_only true   # tokenize, then torchrun
     torchrun --nproc_per_node=2 -m <package>.pretrain --config configs/pretrain.yaml
     torchrun --nproc_per_node=8 -m <package>.pretrain --config configs/pretrain.yaml --train.parallel fsdp  # sharded
 
-Exit codes: 0 done, 2 bad input (config, data path, vocab size, existing run), 1 non-finite loss.
+Exit codes: 0 done, 2 bad input (config, data source, vocab size, existing run), 1 non-finite loss.
 """
 
 from __future__ import annotations
@@ -66,14 +67,16 @@ def prepare_data(cfg: PretrainConfig, is_main: bool):
 
     def prepare(log):
         try:
+            d = cfg.data
             return prepare_corpus(
-                cfg.data.path,
-                tokenizer=cfg.data.tokenizer,
-                vocab_size=cfg.data.vocab_size or cfg.model.vocab_size,
-                cache_dir=cfg.data.cache_dir,
-                val_fraction=cfg.data.val_fraction,
-                text_key=cfg.data.text_key,
+                d.source,
+                tokenizer=d.tokenizer,
+                vocab_size=d.vocab_size or cfg.model.vocab_size,
+                cache_dir=d.cache_dir,
+                val_fraction=d.val_fraction,
+                train_sample_bytes=d.train_sample_bytes,
                 log=log,
+                **{k: getattr(d, k) for k in ("text_key", "subset", "split", "streaming", "revision")},
             )
         except (FileNotFoundError, ValueError, OSError) as err:
             raise ConfigError(f"data: {err}") from err
@@ -106,6 +109,9 @@ def run(cfg: PretrainConfig, dbg: DebugConfig | None = None) -> list[dict]:
     from .model.lm import LlamaLM
 
     dbg = dbg or DebugConfig()
+    if cfg.data.prepare_only:  # no run directory, no model: the cache a training run then reuses
+        prepare_data(cfg, is_main=True)
+        return []
     with training_run(cfg, dbg) as run:
         info, run_dir = run.info, run.run_dir
         run.start(cfg)

@@ -1,9 +1,9 @@
-"""The pretraining corpus: a data path -> a tokenizer and packed train/val token arrays -> training windows.
+"""The pretraining corpus: a data source -> a tokenizer and packed train/val token arrays -> training windows.
 
-    data path ──sources.py─────> documents (files, JSONL records; none = the built-in plays)
-              ──tokenizer.py───> a byte-level BPE trained on them (cached), unless one is given
-              ──token_cache.py─> d1 <eos> d2 <eos> ... split into train/val, cached as memmaps
-              ──windows────────> TokenWindows: {"input_ids": [B, T], "labels": [B, T]}
+    data.source ──sources.py─────> (text, end) pieces (files by format, datasets, hub; none = the built-in plays)
+                ──tokenizer.py───> a byte-level BPE trained on a bounded sample of them (cached), unless one is given
+                ──token_cache.py─> d1 <eos> d2 <eos> ... split into train/val, cached as memmaps (resumable)
+                ──windows────────> TokenWindows: {"input_ids": [B, T], "labels": [B, T]}
 
 :func:`prepare_corpus` is the one call the pretrain entry point makes for its data; :class:`TokenWindows` is its
 training batch source and :class:`EvalWindows` its fixed validation batches.
@@ -21,8 +21,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from ..config import ConfigError
-from .sources import DEFAULT_SUFFIXES, corpus_files, iter_documents
-from .token_cache import CACHE_FORMAT, atomic_build, content_hash, tokenize_corpus
+from ..config.pretrain import DataConfig
+from .sources import Source, resolve_source
+from .token_cache import CACHE_FORMAT, atomic_build, cache_key, exclusive, prepare_tokens
 from .tokenizer import load_tokenizer, train_tokenizer
 
 
@@ -45,47 +46,65 @@ class PreparedCorpus:
         return len(self.tokenizer)
 
 
+def sample_texts(source: Source, max_bytes: int) -> Iterator[str]:
+    """The source's first `max_bytes` of text (UTF-8), whole pieces: what a tokenizer trains on."""
+    seen = 0
+    for text, _ in source.pieces():
+        if seen >= max_bytes:
+            return
+        seen += len(text.encode("utf-8"))
+        yield text
+
+
+def trained_tokenizer(
+    source: Source, vocab_size: int, cache_dir: Path, sample_bytes: int, say: Callable[[str], None]
+) -> tuple[Path, bool]:
+    """A byte-level BPE trained on the source's first sample_bytes, cached by source, vocab and sample size;
+    returns (its directory, whether it was reused)."""
+    key = cache_key(data=source.fingerprint(), vocab_size=vocab_size, sample_bytes=sample_bytes, format=CACHE_FORMAT)
+    tok_dir = Path(cache_dir) / f"tokenizer-{key[:20]}"
+    if (tok_dir / "tokenizer.json").is_file():
+        return tok_dir, True
+    with exclusive(Path(cache_dir) / "locks" / f"tokenizer-{key[:20]}"):
+        if not (tok_dir / "tokenizer.json").is_file():
+            say(f"training a byte-level BPE tokenizer (vocab {vocab_size}) on up to {sample_bytes:,} bytes of {source}")
+            atomic_build(tok_dir, lambda tmp: train_tokenizer(sample_texts(source, sample_bytes), vocab_size, tmp))
+    return tok_dir, False
+
+
 def prepare_corpus(
-    path: str | Path | None = None,
+    source: str | Path | Source | None = None,
     *,
     tokenizer: str | Path | None = None,
     vocab_size: int = 4096,
     cache_dir: str | Path = ".cache/data",
     val_fraction: float = 0.05,
-    text_key: str = "text",
-    suffixes: Sequence[str] = DEFAULT_SUFFIXES,
     chunk_tokens: int = 4096,
+    train_sample_bytes: int = DataConfig.train_sample_bytes,
     log: Callable[[str], None] | None = print,
+    **source_options,
 ) -> PreparedCorpus:
-    """Data path (None = built-in Shakespeare) -> tokenizer + packed train/val token arrays, all cached.
+    """data.source (None = built-in Shakespeare) -> tokenizer + packed train/val token arrays, all cached.
 
+    source_options: text_key, subset, split, streaming, revision, suffixes (see sources.resolve_source).
     tokenizer: a tokenizer directory, a tokenizer.json, or a hub id; None = train a byte-level BPE of `vocab_size`
-    on the corpus itself (cached under cache_dir/tokenizer-<hash>, keyed by the corpus bytes and vocab_size).
+    on the first `train_sample_bytes` of the source (cached under cache_dir/tokenizer-<key>).
     Under DDP call it on rank 0 first and then on the other ranks after a barrier (concurrent calls are safe, but
-    would tokenize the corpus once per rank).
+    would wait for each other).
     """
     say = log or (lambda _msg: None)
-    files = corpus_files(path, suffixes)  # raises FileNotFoundError / ValueError early, before any work
-    source = "the built-in Shakespeare corpus" if path is None else str(path)
+    if not isinstance(source, Source):  # a missing path, an empty folder: one line, before any work
+        source = resolve_source(source, **source_options)
     tokenizer_hit = False
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer)
         tok_path = Path(tokenizer)
         tok_dir: Path | None = (tok_path.parent if tok_path.is_file() else tok_path) if tok_path.exists() else None
     else:
-        key = content_hash(files, vocab_size=vocab_size, text_key=text_key, format=CACHE_FORMAT)
-        tok_dir = Path(cache_dir) / f"tokenizer-{key[:20]}"
-        tokenizer_hit = (tok_dir / "tokenizer.json").is_file()
-        if not tokenizer_hit:
-            say(f"training a byte-level BPE tokenizer (vocab {vocab_size}) on {source}")
-
-            def build(tmp: Path) -> None:
-                train_tokenizer(iter_documents(path, suffixes=suffixes, text_key=text_key), vocab_size, tmp)
-
-            atomic_build(tok_dir, build)
+        tok_dir, tokenizer_hit = trained_tokenizer(source, vocab_size, Path(cache_dir), train_sample_bytes, say)
         tok = load_tokenizer(tok_dir)
-    cache = tokenize_corpus(
-        path, tok, cache_dir, val_fraction=val_fraction, chunk_tokens=chunk_tokens, suffixes=suffixes, text_key=text_key
+    cache = prepare_tokens(
+        source, tok, cache_dir, val_fraction=val_fraction, chunk_tokens=chunk_tokens, progress=log is not None
     )
     m = cache.meta
     say(
