@@ -12,8 +12,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -256,6 +258,22 @@ def postgres_url():
         stop = [*as_owner, str(bindir / "pg_ctl"), "-D", f"{root}/data", "-m", "immediate", "stop"]
         subprocess.run(stop, capture_output=True, timeout=120)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow  # like the other PostgreSQL test: the fast tier runs where no server is installed (the container)
+def test_workers_opening_a_new_postgresql_study_at_once_all_get_it(tmp_path, postgres_url):
+    """On an empty database every opener creates the tables: PostgreSQL fails all but one with a duplicate key (what
+    the two-worker test met in CI). Six openers released together must all get the storage."""
+    start = threading.Barrier(6)
+
+    def open_together() -> object:
+        start.wait()
+        return tune.open_storage(optuna, postgres_url, tmp_path)
+
+    with ThreadPoolExecutor(6) as pool:
+        storages = list(pool.map(lambda _: open_together(), range(6)))
+    assert all(isinstance(s, optuna.storages.RDBStorage) for s in storages)
+    assert optuna.get_all_study_names(storages[0]) == []
 
 
 @pytest.mark.slow

@@ -78,9 +78,24 @@ def open_storage(optuna: Any, url: str | None, study_dir: Path) -> Any:
         if url is None or "://" not in url:
             path = str(study_dir / "journal.log") if url is None else url
             return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
-        return optuna.storages.RDBStorage(url)
+        return _rdb_storage(optuna, url)
     except Exception as err:  # sqlalchemy, a driver or the file system: each has its own errors
         raise ConfigError(f"--storage {url or study_dir / 'journal.log'} cannot be opened: {_line(err)}") from None
+
+
+def _rdb_storage(optuna: Any, url: str, attempts: int = 5) -> Any:
+    """``RDBStorage(url)``. Workers started together on a new database race to create its tables: PostgreSQL fails
+    the losers' CREATE with a duplicate key or table (IntegrityError / ProgrammingError) once the winner commits.
+    A loser's next attempt finds the tables made; any other error is the caller's at once."""
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return optuna.storages.RDBStorage(url)
+        except (IntegrityError, ProgrammingError):
+            if attempt == attempts:
+                raise
+            time.sleep(0.2 * attempt)
 
 
 def _line(err: BaseException) -> str:
